@@ -1,0 +1,238 @@
+"""The image store: one format for synthetic and real (JUMP) data.
+
+A store is a directory (local path or any tensorstore kvstore URL: ``file://``, ``gs://``, ``s3://``)
+holding three things:
+
+* ``images.zarr`` -- one zarr3 array (N, H, W, C), uint8 or uint16, sharded along N
+  (``shard_images`` images per file) with one image per inner chunk, blosc-zstd compressed: one image
+  is one read.
+* ``metadata.parquet`` -- one row per image, JUMP column names, every ID a string (see ``COLUMNS``);
+  ``row`` indexes the array, ``label`` is the class id (-1: unlabelled, e.g. a control) and
+  ``is_control`` flags the plate's negative-control (DMSO) images.
+* ``manifest.json`` -- format version, channel names in array order, dtype, image shape, the classes
+  in label order, the control id, how the store was made, and ``num_unused_rows``: array rows no table
+  row references (e.g. sites a converter skipped and reported). Written last: its presence marks a
+  complete store.
+
+``open_store`` validates the three against each other and never reads the array's data.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import tensorstore as ts
+
+FORMAT_VERSION = 1
+ARRAY_NAME, TABLE_NAME, MANIFEST_NAME = 'images.zarr', 'metadata.parquet', 'manifest.json'
+ID_COLUMNS = ('Metadata_Source', 'Metadata_Batch', 'Metadata_Plate', 'Metadata_Well',
+              'Metadata_Site', 'Metadata_JCP2022', 'Metadata_PlateType')
+COLUMNS = ID_COLUMNS + ('is_control', 'label', 'row')
+MANIFEST_KEYS = ('format_version', 'channels', 'dtype', 'image_shape', 'num_images', 'classes',
+                 'control_id', 'created_by', 'num_unused_rows')
+DTYPES = ('uint8', 'uint16')
+
+
+class StoreError(ValueError):
+  """A store whose array, table or manifest is missing, malformed or inconsistent."""
+
+
+def _url(path: str) -> str:
+  """A kvstore URL with a trailing slash for a local path or URL."""
+  if '://' not in path:
+    path = 'file://' + os.path.abspath(os.path.expanduser(path))
+  return path.rstrip('/') + '/'
+
+
+def _kvstore(path: str) -> ts.KvStore:
+  return ts.KvStore.open(_url(path)).result()
+
+
+def _array_spec(path: str) -> dict[str, Any]:
+  return {'driver': 'zarr3', 'kvstore': _url(path) + ARRAY_NAME + '/',
+          # No chunk cache: reads go straight to the caller, resident memory stays flat.
+          'context': {'cache_pool': {'total_bytes_limit': 0}}}
+
+
+def create_array(path: str, num_images: int, image_shape: Sequence[int], dtype: str,
+                 shard_images: int = 64, delete_existing: bool = False) -> ts.TensorStore:
+  """Creates the (N, H, W, C) array. Write whole shards (``shard_images`` rows) from one writer."""
+  if dtype not in DTYPES:
+    raise StoreError(f'dtype must be one of {DTYPES}, got {dtype!r}')
+  h, w, c = (int(s) for s in image_shape)
+  spec = _array_spec(path)
+  spec['metadata'] = {
+      'shape': [int(num_images), h, w, c], 'data_type': dtype,
+      'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [shard_images, h, w, c]}},
+      'codecs': [{'name': 'sharding_indexed', 'configuration': {
+          'chunk_shape': [1, h, w, c],
+          'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
+                     {'name': 'blosc', 'configuration': {'cname': 'zstd', 'clevel': 3,
+                                                         'shuffle': 'bitshuffle'}}],
+          'index_codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
+                           {'name': 'crc32c'}]}}],
+  }
+  return ts.open(spec, create=True, delete_existing=delete_existing).result()
+
+
+def open_array(path: str, write: bool = False) -> ts.TensorStore:
+  try:
+    return ts.open(_array_spec(path), open=True, read=True, write=write).result()
+  except Exception as e:  # tensorstore raises ValueError subclasses with long messages
+    raise StoreError(f'cannot open image array {_url(path) + ARRAY_NAME}: {e}') from None
+
+
+def shard_images_of(array: ts.TensorStore) -> int:
+  """Images per shard file (the unit a writer should write at once)."""
+  return int(array.chunk_layout.write_chunk.shape[0])
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+  raw = _kvstore(path).read(MANIFEST_NAME).result()
+  if raw.state != 'value':
+    raise StoreError(f'{_url(path) + MANIFEST_NAME} is missing (an incomplete or foreign store)')
+  try:
+    return json.loads(bytes(raw.value))
+  except json.JSONDecodeError as e:
+    raise StoreError(f'{_url(path) + MANIFEST_NAME} is not valid JSON: {e}') from None
+
+
+def read_table(path: str) -> pd.DataFrame:
+  raw = _kvstore(path).read(TABLE_NAME).result()
+  if raw.state != 'value':
+    raise StoreError(f'{_url(path) + TABLE_NAME} is missing')
+  try:
+    return pd.read_parquet(io.BytesIO(bytes(raw.value)))
+  except Exception as e:
+    raise StoreError(f'{_url(path) + TABLE_NAME} is not a readable Parquet file: {e}') from None
+
+
+def write_metadata(path: str, table: pd.DataFrame, manifest: dict[str, Any]) -> None:
+  """Validates, then writes the table and (last, marking the store complete) the manifest."""
+  array = open_array(path)
+  validate(table, manifest, tuple(array.shape), str(array.dtype.numpy_dtype), where=_url(path))
+  kv = _kvstore(path)
+  buf = io.BytesIO()
+  table.to_parquet(buf, index=False)
+  kv.write(TABLE_NAME, buf.getvalue()).result()
+  kv.write(MANIFEST_NAME, json.dumps(manifest, indent=2).encode()).result()
+
+
+def make_manifest(channels: Sequence[str], dtype: str, image_shape: Sequence[int], num_images: int,
+                  classes: Sequence[tuple[str, str]], control_id: str, created_by: dict[str, Any],
+                  num_unused_rows: int = 0) -> dict[str, Any]:
+  return {'format_version': FORMAT_VERSION, 'channels': list(channels), 'dtype': dtype,
+          'image_shape': [int(s) for s in image_shape], 'num_images': int(num_images),
+          'classes': [{'id': i, 'name': n} for i, n in classes], 'control_id': control_id,
+          'created_by': created_by, 'num_unused_rows': int(num_unused_rows)}
+
+
+def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[int, ...],
+             array_dtype: str, where: str = '') -> None:
+  """Raises StoreError naming the file and column at fault if the three parts disagree."""
+  mf, tb = f'{where}{MANIFEST_NAME}', f'{where}{TABLE_NAME}'
+  missing = [k for k in MANIFEST_KEYS if k not in manifest]
+  if missing:
+    raise StoreError(f'{mf} lacks keys {missing}')
+  if manifest['format_version'] != FORMAT_VERSION:
+    raise StoreError(f"{mf}: format_version {manifest['format_version']} is not supported "
+                     f'(this csarm_jax reads version {FORMAT_VERSION})')
+  n, h, w, c = array_shape
+  if [h, w, c] != list(manifest['image_shape']) or n != manifest['num_images']:
+    raise StoreError(f"{mf}: image_shape {manifest['image_shape']} / num_images "
+                     f"{manifest['num_images']} disagree with the array's shape {array_shape}")
+  if len(manifest['channels']) != c:
+    raise StoreError(f"{mf}: {len(manifest['channels'])} channel names for an array of {c} channels")
+  if manifest['dtype'] != array_dtype:
+    raise StoreError(f"{mf}: dtype {manifest['dtype']} but the array holds {array_dtype}")
+  absent = [col for col in COLUMNS if col not in table.columns]
+  if absent:
+    raise StoreError(f'{tb} lacks columns {absent}')
+  for col in ID_COLUMNS:
+    if not (pd.api.types.is_string_dtype(table[col]) or pd.api.types.is_object_dtype(table[col])) \
+        or not table[col].map(lambda v: isinstance(v, str)).all():
+      raise StoreError(f'{tb}: column {col} must hold strings (JUMP IDs are strings), '
+                       f'found dtype {table[col].dtype}')
+  rows = table['row'].to_numpy()
+  if not pd.api.types.is_integer_dtype(table['row']) or (rows < 0).any() or (rows >= n).any():
+    raise StoreError(f'{tb}: column row must hold integers in [0, {n}) (the array has {n} images)')
+  if len(np.unique(rows)) != len(rows):
+    raise StoreError(f'{tb}: column row has duplicates: two table rows point at one image')
+  if n - len(rows) != manifest['num_unused_rows']:
+    raise StoreError(f"{tb}: {len(rows)} rows for {n} images, but {mf} declares "
+                     f"{manifest['num_unused_rows']} unused rows: images would be silently lost")
+  classes = [k['id'] for k in manifest['classes']]
+  labels = table['label'].to_numpy()
+  if not pd.api.types.is_integer_dtype(table['label']) or (labels < -1).any() \
+      or (labels >= len(classes)).any():
+    raise StoreError(f'{tb}: column label must hold -1 or a class id in [0, {len(classes)})')
+  labelled = labels >= 0
+  expected = np.asarray(classes, dtype=object)[labels[labelled]]
+  wrong = table.loc[labelled, 'Metadata_JCP2022'].to_numpy() != expected
+  if wrong.any():
+    bad = table.loc[labelled].loc[wrong].iloc[0]
+    raise StoreError(f"{tb}: column label disagrees with Metadata_JCP2022 in {int(wrong.sum())} rows, "
+                     f"e.g. plate {bad['Metadata_Plate']} well {bad['Metadata_Well']}: "
+                     f"{bad['Metadata_JCP2022']} labelled {bad['label']}")
+  ctrl = table['is_control'].astype(bool).to_numpy()
+  if (table.loc[ctrl, 'Metadata_JCP2022'] != manifest['control_id']).any() or (labels[ctrl] >= 0).any():
+    raise StoreError(f"{tb}: column is_control marks rows that are not unlabelled "
+                     f"{manifest['control_id']} images")
+  plates = table.groupby('Metadata_Plate')[['Metadata_Source', 'Metadata_Batch']].nunique()
+  ambiguous = plates.index[(plates > 1).any(axis=1)]
+  if len(ambiguous):
+    raise StoreError(f'{tb}: plate {ambiguous[0]} appears under several sources or batches; '
+                     f'plate IDs must be unique')
+
+
+@dataclass
+class ImageStore:
+  """An opened, validated store. ``read(rows)`` fetches images; the array is never loaded whole."""
+  path: str
+  manifest: dict[str, Any]
+  table: pd.DataFrame
+  array: ts.TensorStore
+
+  @property
+  def channels(self) -> list[str]:
+    return list(self.manifest['channels'])
+
+  @property
+  def class_ids(self) -> list[str]:
+    return [c['id'] for c in self.manifest['classes']]
+
+  @property
+  def class_names(self) -> list[str]:
+    return [c['name'] for c in self.manifest['classes']]
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.manifest['image_shape'])
+
+  def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Images at array ``rows`` (any order, repeats allowed), as (len(rows), H, W, C)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+      return np.zeros((0, *self.image_shape), self.manifest['dtype'])
+    return self.array.oindex[rows].read().result()
+
+  def __getstate__(self):  # pickles for worker processes: the array handle is reopened
+    return {'path': self.path, 'manifest': self.manifest, 'table': self.table}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self.array = open_array(self.path)
+
+
+def open_store(path: str) -> ImageStore:
+  """Opens and validates a store at a local path or kvstore URL; raises StoreError on problems."""
+  manifest = read_manifest(path)
+  array = open_array(path)
+  table = read_table(path)
+  validate(table, manifest, tuple(array.shape), str(array.dtype.numpy_dtype), where=_url(path))
+  return ImageStore(path=path, manifest=manifest, table=table, array=array)

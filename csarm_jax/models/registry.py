@@ -1,0 +1,43 @@
+"""Models by name: ``create(name, num_classes, **options)``."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from csarm_jax.models.resnet import ResNet18, ResNet34, ResNet50
+from csarm_jax.models.small import CNN, MLP
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50, 'cnn': CNN, 'mlp': MLP,
+}
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_MODELS)
+
+
+def create(name: str, num_classes: int, **options: Any) -> nn.Module:
+  """Builds a model. ``dtype`` may be given as a string ('float32', 'bfloat16').
+
+  Image models take ``in_channels`` (default 5), ResNets also ``width``, ``downsample``
+  ('avgpool' | 'strided') and ``zero_init_last_bn``; the MLP needs ``in_features``.
+  """
+  if name not in _MODELS:
+    raise ValueError(f'unknown model {name!r}; choose one of {sorted(_MODELS)}')
+  if isinstance(options.get('dtype'), str):
+    if options['dtype'] not in _DTYPES:
+      raise ValueError(f"unknown dtype {options['dtype']!r}; choose one of {sorted(_DTYPES)}")
+    options['dtype'] = _DTYPES[options['dtype']]
+  try:
+    return _MODELS[name](num_classes=num_classes, **options)
+  except TypeError as e:
+    raise ValueError(f'bad options for model {name!r}: {e}') from None
+
+
+def init_variables(model: nn.Module, rng, example) -> dict[str, Any]:
+  """``{'params', 'batch_stats'}`` for ``model`` from an example input (its batch size is free)."""
+  import jax
+  return dict(jax.jit(lambda r, x: model.init(r, x, norm='context'))(rng, example))

@@ -1,0 +1,122 @@
+"""ResNet-18/34/50 for NHWC images with any number of channels, built on ContextBatchNorm.
+
+Matches the reference backbone's choices (ml-jku/cs-arm-bn ``plt/model/resnet.py``): 7x7 stride-2
+stem + 3x3 max-pool; in ``'avgpool'`` downsampling the main path downsamples with an average pool
+after its 3x3 conv and the shortcut is AvgPool -> 1x1 conv -> BN (ResNet-D style); ``'strided'`` is
+the standard torchvision form. Head: true global average pooling (the reference's AvgPool(7) at
+256 px weights border rows slightly less; at 224 px both are identical) and a float32 Dense.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from csarm_jax.nn import ContextBatchNorm
+
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')   # as torch kaiming_normal_
+
+
+def _avg_pool(x: jax.Array, stride: int) -> jax.Array:
+  return nn.avg_pool(x, (stride, stride), strides=(stride, stride)) if stride > 1 else x
+
+
+class BasicBlock(nn.Module):
+  planes: int
+  stride: int
+  downsample: str
+  zero_init_last: bool
+  dtype: Any
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, mode, weights):
+    conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kaiming_fan_out)
+    norm = partial(ContextBatchNorm, dtype=self.dtype)
+    last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    pool_main = self.downsample == 'avgpool'
+    y = conv(self.planes, (3, 3), strides=1 if pool_main else self.stride, padding=1, name='conv1')(x)
+    y = nn.relu(norm(name='bn1')(y, mode, weights))
+    if pool_main:
+      y = _avg_pool(y, self.stride)
+    y = conv(self.planes, (3, 3), padding=1, name='conv2')(y)
+    y = norm(scale_init=last_init, name='bn2')(y, mode, weights)
+    return nn.relu(y + _shortcut(self, x, self.planes, mode, weights))
+
+
+class Bottleneck(nn.Module):
+  planes: int
+  stride: int
+  downsample: str
+  zero_init_last: bool
+  dtype: Any
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, mode, weights):
+    conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kaiming_fan_out)
+    norm = partial(ContextBatchNorm, dtype=self.dtype)
+    last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    pool_main = self.downsample == 'avgpool'
+    y = nn.relu(norm(name='bn1')(conv(self.planes, (1, 1), name='conv1')(x), mode, weights))
+    y = conv(self.planes, (3, 3), strides=1 if pool_main else self.stride, padding=1, name='conv2')(y)
+    y = nn.relu(norm(name='bn2')(y, mode, weights))
+    if pool_main:
+      y = _avg_pool(y, self.stride)
+    y = conv(self.planes * 4, (1, 1), name='conv3')(y)
+    y = norm(scale_init=last_init, name='bn3')(y, mode, weights)
+    return nn.relu(y + _shortcut(self, x, self.planes * 4, mode, weights))
+
+
+def _shortcut(block: nn.Module, x, out_features: int, mode, weights):
+  """Identity, or a projection when the shape changes (called inside the block's compact scope)."""
+  if block.stride == 1 and x.shape[-1] == out_features:
+    return x
+  if block.downsample == 'avgpool':
+    x = _avg_pool(x, block.stride)
+    stride = 1
+  else:
+    stride = block.stride
+  x = nn.Conv(out_features, (1, 1), strides=stride, use_bias=False, dtype=block.dtype,
+              kernel_init=kaiming_fan_out, name='shortcut_conv')(x)
+  return ContextBatchNorm(dtype=block.dtype, name='shortcut_bn')(x, mode, weights)
+
+
+class ResNet(nn.Module):
+  """ResNet classifier. ``__call__(x, norm=..., weights=None, return_features=False)``."""
+  stage_sizes: Sequence[int]
+  block: str                       # 'basic' | 'bottleneck'
+  num_classes: int
+  in_channels: int = 5
+  width: int = 64
+  downsample: str = 'avgpool'      # 'avgpool' (reference) | 'strided' (torchvision)
+  zero_init_last_bn: bool = True
+  dtype: Any = jnp.float32         # compute dtype; parameters and BN statistics stay float32
+  input_rank = 4
+
+  @nn.compact
+  def __call__(self, x, *, norm: str, weights=None, return_features: bool = False):
+    if self.downsample not in ('avgpool', 'strided'):
+      raise ValueError(f"downsample must be 'avgpool' or 'strided', got {self.downsample!r}")
+    block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
+    x = x.astype(self.dtype)
+    x = nn.Conv(self.width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
+                kernel_init=kaiming_fan_out, name='stem_conv')(x)
+    x = nn.relu(ContextBatchNorm(dtype=self.dtype, name='stem_bn')(x, norm, weights))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        stride = 2 if i > 0 and j == 0 else 1
+        x = block_cls(self.width * 2 ** i, stride, self.downsample, self.zero_init_last_bn, self.dtype,
+                      name=f'stage{i + 1}_block{j}')(x, norm, weights)
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
+    return (logits, features) if return_features else logits
+
+
+ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block='basic')
+ResNet34 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block='basic')
+ResNet50 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block='bottleneck')

@@ -1,0 +1,67 @@
+"""Small models: a CNN for tests and quick runs, and an MLP for feature vectors (profiles, embeddings).
+
+Both use ContextBatchNorm and the same call signature as the ResNets:
+``__call__(x, *, norm, weights=None, return_features=False)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from csarm_jax.models.resnet import kaiming_fan_out
+from csarm_jax.nn import ContextBatchNorm
+
+
+class CNN(nn.Module):
+  """conv3x3 -> BN -> ReLU (-> 2x2 max-pool) per stage, doubling width; GAP; Dense."""
+  num_classes: int
+  in_channels: int = 5
+  width: int = 16
+  num_stages: int = 3
+  dtype: Any = jnp.float32
+  input_rank = 4
+
+  @nn.compact
+  def __call__(self, x, *, norm: str, weights=None, return_features: bool = False):
+    x = x.astype(self.dtype)
+    for i in range(self.num_stages):
+      x = nn.Conv(self.width * 2 ** i, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
+                  kernel_init=kaiming_fan_out, name=f'conv{i}')(x)
+      x = nn.relu(ContextBatchNorm(dtype=self.dtype, name=f'bn{i}')(x, norm, weights))
+      if i < self.num_stages - 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
+    return (logits, features) if return_features else logits
+
+
+class MLP(nn.Module):
+  """[BN on the inputs] -> (Dense -> BN -> ReLU) x num_layers -> Dense, for (N, D) feature vectors.
+
+  Every hidden layer has its own BatchNorm (the reference shares one across depth, a bug).
+  """
+  num_classes: int
+  in_features: int
+  hidden: int = 256
+  num_layers: int = 2
+  input_norm: bool = True
+  dtype: Any = jnp.float32
+  input_rank = 2
+
+  @property
+  def in_channels(self) -> int:
+    return self.in_features
+
+  @nn.compact
+  def __call__(self, x, *, norm: str, weights=None, return_features: bool = False):
+    x = x.astype(self.dtype)
+    if self.input_norm:
+      x = ContextBatchNorm(dtype=self.dtype, name='input_bn')(x, norm, weights)
+    for i in range(self.num_layers):
+      x = nn.Dense(self.hidden, use_bias=False, dtype=self.dtype, name=f'dense{i}')(x)
+      x = nn.relu(ContextBatchNorm(dtype=self.dtype, name=f'bn{i}')(x, norm, weights))
+    features = x.astype(jnp.float32)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
+    return (logits, features) if return_features else logits

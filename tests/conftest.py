@@ -1,0 +1,14 @@
+"""Test setup: 4 fake CPU devices (so sharding is exercised), before JAX starts its backend."""
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=4').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 4)
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()   # library code reading absl flags outside app.run (grain workers)
