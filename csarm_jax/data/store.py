@@ -3,13 +3,14 @@
 A store is a directory (local path or any tensorstore kvstore URL: ``file://``, ``gs://``, ``s3://``)
 holding three things:
 
-* ``images.zarr`` -- one zarr3 array (N, H, W, C), uint8 or uint16, sharded along N
-  (``shard_images`` images per file) with one image per inner chunk, blosc-zstd compressed: one image
-  is one read.
-* ``metadata.parquet`` -- one row per image, JUMP column names, every ID a string (see ``COLUMNS``);
+* ``data.zarr`` -- one zarr3 array, sharded along its first axis (``shard_items`` items per file)
+  with one item per inner chunk, blosc-zstd compressed, so one item is one read. ``kind='images'``:
+  (N, H, W, C) uint8 or uint16; ``kind='features'``: (N, D) float32 (e.g. CellProfiler profiles).
+* ``metadata.parquet`` -- one row per item, JUMP column names, every ID a string (see ``COLUMNS``);
   ``row`` indexes the array, ``label`` is the class id (-1: unlabelled, e.g. a control) and
   ``is_control`` flags the plate's negative-control (DMSO) images.
-* ``manifest.json`` -- format version, channel names in array order, dtype, image shape, the classes
+* ``manifest.json`` -- format version, kind, channel (or feature) names in array order, dtype, item
+  shape, the classes
   in label order, the control id, how the store was made, and ``num_unused_rows``: array rows no table
   row references (e.g. sites a converter skipped and reported). Written last: its presence marks a
   complete store.
@@ -29,13 +30,13 @@ import pandas as pd
 import tensorstore as ts
 
 FORMAT_VERSION = 1
-ARRAY_NAME, TABLE_NAME, MANIFEST_NAME = 'images.zarr', 'metadata.parquet', 'manifest.json'
+ARRAY_NAME, TABLE_NAME, MANIFEST_NAME = 'data.zarr', 'metadata.parquet', 'manifest.json'
 ID_COLUMNS = ('Metadata_Source', 'Metadata_Batch', 'Metadata_Plate', 'Metadata_Well',
               'Metadata_Site', 'Metadata_JCP2022', 'Metadata_PlateType')
 COLUMNS = ID_COLUMNS + ('is_control', 'label', 'row')
-MANIFEST_KEYS = ('format_version', 'channels', 'dtype', 'image_shape', 'num_images', 'classes',
+MANIFEST_KEYS = ('format_version', 'kind', 'channels', 'dtype', 'item_shape', 'num_items', 'classes',
                  'control_id', 'created_by', 'num_unused_rows')
-DTYPES = ('uint8', 'uint16')
+DTYPES = {'images': ('uint8', 'uint16'), 'features': ('float32',)}
 
 
 class StoreError(ValueError):
@@ -59,18 +60,27 @@ def _array_spec(path: str) -> dict[str, Any]:
           'context': {'cache_pool': {'total_bytes_limit': 0}}}
 
 
-def create_array(path: str, num_images: int, image_shape: Sequence[int], dtype: str,
-                 shard_images: int = 64, delete_existing: bool = False) -> ts.TensorStore:
-  """Creates the (N, H, W, C) array. Write whole shards (``shard_images`` rows) from one writer."""
-  if dtype not in DTYPES:
-    raise StoreError(f'dtype must be one of {DTYPES}, got {dtype!r}')
-  h, w, c = (int(s) for s in image_shape)
+def _kind_of(item_shape: Sequence[int]) -> str:
+  return {3: 'images', 1: 'features'}.get(len(item_shape), 'invalid')
+
+
+def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: str,
+                 shard_items: int = 64, delete_existing: bool = False) -> ts.TensorStore:
+  """Creates the (N, *item_shape) array: item_shape (H, W, C) for images, (D,) for features.
+
+  Write whole shards (``shard_items`` rows, see ``shard_items_of``) from one writer at a time.
+  """
+  kind = _kind_of(item_shape)
+  if kind == 'invalid' or dtype not in DTYPES[kind]:
+    raise StoreError(f'item_shape {tuple(item_shape)} / dtype {dtype!r}: expected (H, W, C) with '
+                     f"{DTYPES['images']} or (D,) with {DTYPES['features']}")
+  item = [int(s) for s in item_shape]
   spec = _array_spec(path)
   spec['metadata'] = {
-      'shape': [int(num_images), h, w, c], 'data_type': dtype,
-      'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [shard_images, h, w, c]}},
+      'shape': [int(num_items)] + item, 'data_type': dtype,
+      'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [shard_items] + item}},
       'codecs': [{'name': 'sharding_indexed', 'configuration': {
-          'chunk_shape': [1, h, w, c],
+          'chunk_shape': [1] + item,
           'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
                      {'name': 'blosc', 'configuration': {'cname': 'zstd', 'clevel': 3,
                                                          'shuffle': 'bitshuffle'}}],
@@ -87,8 +97,8 @@ def open_array(path: str, write: bool = False) -> ts.TensorStore:
     raise StoreError(f'cannot open image array {_url(path) + ARRAY_NAME}: {e}') from None
 
 
-def shard_images_of(array: ts.TensorStore) -> int:
-  """Images per shard file (the unit a writer should write at once)."""
+def shard_items_of(array: ts.TensorStore) -> int:
+  """Items per shard file (the unit a writer should write at once)."""
   return int(array.chunk_layout.write_chunk.shape[0])
 
 
@@ -123,11 +133,12 @@ def write_metadata(path: str, table: pd.DataFrame, manifest: dict[str, Any]) -> 
   kv.write(MANIFEST_NAME, json.dumps(manifest, indent=2).encode()).result()
 
 
-def make_manifest(channels: Sequence[str], dtype: str, image_shape: Sequence[int], num_images: int,
+def make_manifest(channels: Sequence[str], dtype: str, item_shape: Sequence[int], num_items: int,
                   classes: Sequence[tuple[str, str]], control_id: str, created_by: dict[str, Any],
                   num_unused_rows: int = 0) -> dict[str, Any]:
-  return {'format_version': FORMAT_VERSION, 'channels': list(channels), 'dtype': dtype,
-          'image_shape': [int(s) for s in image_shape], 'num_images': int(num_images),
+  """``channels``: channel names (images) or feature names (features), in array order."""
+  return {'format_version': FORMAT_VERSION, 'kind': _kind_of(item_shape), 'channels': list(channels),
+          'dtype': dtype, 'item_shape': [int(s) for s in item_shape], 'num_items': int(num_items),
           'classes': [{'id': i, 'name': n} for i, n in classes], 'control_id': control_id,
           'created_by': created_by, 'num_unused_rows': int(num_unused_rows)}
 
@@ -142,12 +153,15 @@ def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[i
   if manifest['format_version'] != FORMAT_VERSION:
     raise StoreError(f"{mf}: format_version {manifest['format_version']} is not supported "
                      f'(this csarm_jax reads version {FORMAT_VERSION})')
-  n, h, w, c = array_shape
-  if [h, w, c] != list(manifest['image_shape']) or n != manifest['num_images']:
-    raise StoreError(f"{mf}: image_shape {manifest['image_shape']} / num_images "
-                     f"{manifest['num_images']} disagree with the array's shape {array_shape}")
-  if len(manifest['channels']) != c:
-    raise StoreError(f"{mf}: {len(manifest['channels'])} channel names for an array of {c} channels")
+  n, item = array_shape[0], list(array_shape[1:])
+  if item != list(manifest['item_shape']) or n != manifest['num_items']:
+    raise StoreError(f"{mf}: item_shape {manifest['item_shape']} / num_items "
+                     f"{manifest['num_items']} disagree with the array's shape {array_shape}")
+  if manifest['kind'] != _kind_of(item):
+    raise StoreError(f"{mf}: kind {manifest['kind']!r} does not fit an array of shape {array_shape}")
+  if len(manifest['channels']) != item[-1]:
+    raise StoreError(f"{mf}: {len(manifest['channels'])} channel/feature names for an array whose "
+                     f'last axis has {item[-1]}')
   if manifest['dtype'] != array_dtype:
     raise StoreError(f"{mf}: dtype {manifest['dtype']} but the array holds {array_dtype}")
   absent = [col for col in COLUMNS if col not in table.columns]
@@ -160,12 +174,12 @@ def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[i
                        f'found dtype {table[col].dtype}')
   rows = table['row'].to_numpy()
   if not pd.api.types.is_integer_dtype(table['row']) or (rows < 0).any() or (rows >= n).any():
-    raise StoreError(f'{tb}: column row must hold integers in [0, {n}) (the array has {n} images)')
+    raise StoreError(f'{tb}: column row must hold integers in [0, {n}) (the array has {n} items)')
   if len(np.unique(rows)) != len(rows):
-    raise StoreError(f'{tb}: column row has duplicates: two table rows point at one image')
+    raise StoreError(f'{tb}: column row has duplicates: two table rows point at one item')
   if n - len(rows) != manifest['num_unused_rows']:
-    raise StoreError(f"{tb}: {len(rows)} rows for {n} images, but {mf} declares "
-                     f"{manifest['num_unused_rows']} unused rows: images would be silently lost")
+    raise StoreError(f"{tb}: {len(rows)} rows for {n} items, but {mf} declares "
+                     f"{manifest['num_unused_rows']} unused rows: items would be silently lost")
   classes = [k['id'] for k in manifest['classes']]
   labels = table['label'].to_numpy()
   if not pd.api.types.is_integer_dtype(table['label']) or (labels < -1).any() \
@@ -192,7 +206,7 @@ def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[i
 
 @dataclass
 class ImageStore:
-  """An opened, validated store. ``read(rows)`` fetches images; the array is never loaded whole."""
+  """An opened, validated store. ``read(rows)`` fetches items; the array is never loaded whole."""
   path: str
   manifest: dict[str, Any]
   table: pd.DataFrame
@@ -211,14 +225,18 @@ class ImageStore:
     return [c['name'] for c in self.manifest['classes']]
 
   @property
-  def image_shape(self) -> tuple[int, int, int]:
-    return tuple(self.manifest['image_shape'])
+  def kind(self) -> str:
+    return self.manifest['kind']
+
+  @property
+  def item_shape(self) -> tuple[int, ...]:
+    return tuple(self.manifest['item_shape'])
 
   def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Images at array ``rows`` (any order, repeats allowed), as (len(rows), H, W, C)."""
+    """Items at array ``rows`` (any order, repeats allowed), as (len(rows), *item_shape)."""
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
-      return np.zeros((0, *self.image_shape), self.manifest['dtype'])
+      return np.zeros((0, *self.item_shape), self.manifest['dtype'])
     return self.array.oindex[rows].read().result()
 
   def __getstate__(self):  # pickles for worker processes: the array handle is reopened

@@ -1,0 +1,92 @@
+"""The image store: round trip, URLs, pickling, and validation errors that name the fault."""
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from csarm_jax import data
+from csarm_jax.data import store as store_lib
+from store_fixture import write_store
+
+
+@pytest.fixture(scope='module')
+def written(tmp_path_factory):
+  path = tmp_path_factory.mktemp('store')
+  table, items = write_store(path, shard_items=16)
+  return path, table, items
+
+
+def test_round_trip_any_order_with_repeats(written):
+  path, table, items = written
+  store = data.open_store(str(path))
+  rows = np.array([5, 3, 5, len(table) - 1, 0])
+  np.testing.assert_array_equal(store.read(rows), items[rows])
+  assert store.read([]).shape == (0, *items.shape[1:])
+  assert store.class_ids == [c for c, _ in data.POSITIVE_CONTROLS]
+  assert store.kind == 'images' and store.item_shape == items.shape[1:]
+
+
+def test_file_url_and_pickle(written):
+  path, _, items = written
+  store = data.open_store('file://' + str(path))
+  clone = pickle.loads(pickle.dumps(store))
+  np.testing.assert_array_equal(clone.read([7]), items[[7]])
+
+
+def test_sharded_layout_one_file_per_shard(written):
+  path, table, _ = written
+  store = data.open_store(str(path))
+  assert store_lib.shard_items_of(store.array) == 16
+  shard_files = list((path / store_lib.ARRAY_NAME / 'c').rglob('*'))
+  assert len([f for f in shard_files if f.is_file()]) == -(-len(table) // 16)
+
+
+def test_feature_store(tmp_path):
+  table, items = write_store(tmp_path, item_shape=(7,), dtype='float32')
+  store = data.open_store(str(tmp_path))
+  assert store.kind == 'features'
+  np.testing.assert_array_equal(store.read([2, 1]), items[[2, 1]])
+
+
+def _rewrite(path, table=None, manifest=None):
+  if table is not None:
+    table.to_parquet(path / store_lib.TABLE_NAME, index=False)
+  if manifest is not None:
+    (path / store_lib.MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize('corrupt, message', [
+    (lambda t, m: t.assign(Metadata_Plate=np.arange(len(t))), 'Metadata_Plate must hold strings'),
+    (lambda t, m: t.drop(columns='label'), r"lacks columns \['label'\]"),
+    (lambda t, m: t.assign(row=0), 'duplicates'),
+    (lambda t, m: t.assign(row=t.row + 1), 'column row must hold integers'),
+    (lambda t, m: t.iloc[:-1], 'silently lost'),
+    (lambda t, m: t.assign(label=np.where(t.label >= 0, (t.label + 1) % 8, -1)), 'label disagrees'),
+    (lambda t, m: t.assign(is_control=True), 'is_control'),
+    (lambda t, m: t.assign(Metadata_Batch=[str(i) for i in range(len(t))]), 'unique'),
+    (lambda t, m: m.update(channels=['DNA']), 'channel/feature names'),
+    (lambda t, m: m.update(dtype='uint16'), 'dtype'),
+    (lambda t, m: m.update(format_version=99), 'format_version'),
+    (lambda t, m: m.pop('classes'), r"lacks keys \['classes'\]"),
+])
+def test_validation_names_the_fault(tmp_path, corrupt, message):
+  table, _ = write_store(tmp_path)
+  manifest = json.loads((tmp_path / store_lib.MANIFEST_NAME).read_text())
+  result = corrupt(table, manifest)
+  if isinstance(result, pd.DataFrame):
+    _rewrite(tmp_path, table=result)
+  else:
+    _rewrite(tmp_path, manifest=manifest)
+  with pytest.raises(data.StoreError, match=message):
+    data.open_store(str(tmp_path))
+
+
+def test_missing_parts_are_named(tmp_path):
+  with pytest.raises(data.StoreError, match='manifest.json is missing'):
+    data.open_store(str(tmp_path))
+  write_store(tmp_path)
+  (tmp_path / store_lib.TABLE_NAME).unlink()
+  with pytest.raises(data.StoreError, match='metadata.parquet is missing'):
+    data.open_store(str(tmp_path))
