@@ -174,8 +174,9 @@ def plate_statistics(model: nn.Module, variables: Variables, images: Any = None,
   base = _without(variables, STATS, STREAM_FLAGS, STREAM_SUMS)
 
   order = bn_layer_order(model, base, example)
-  stats = adapt(model, base, example, example_w)           # right structure; values replaced below
-  flat = traverse_util.flatten_dict(stats)
+  shapes = jax.eval_shape(lambda v, x, w: adapt(model, v, x, w), base, example, example_w)
+  flat = {path: (jnp.zeros if path[-1] == 'mean' else jnp.ones)(s.shape, s.dtype)
+          for path, s in traverse_util.flatten_dict(shapes).items()}   # replaced layer by layer
   flags = {path: jnp.zeros((), bool) for path in order}
 
   @jax.jit

@@ -8,6 +8,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 4)
+# Tests run tiny models once: compile time dominates, so skip most XLA optimisation passes.
+jax.config.update('jax_disable_most_optimizations', True)
 
 from absl import flags  # noqa: E402
 

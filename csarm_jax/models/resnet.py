@@ -102,6 +102,10 @@ class ResNet(nn.Module):
     if self.downsample not in ('avgpool', 'strided'):
       raise ValueError(f"downsample must be 'avgpool' or 'strided', got {self.downsample!r}")
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
+    min_size = 2 ** (len(self.stage_sizes) + 1)      # stem /2, max-pool /2, each later stage /2
+    if min(x.shape[1:3]) < min_size:
+      raise ValueError(f'{self.num_classes}-class ResNet needs images of at least {min_size}x{min_size} '
+                       f'pixels, got {x.shape[1]}x{x.shape[2]}')
     x = x.astype(self.dtype)
     x = nn.Conv(self.width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
                 kernel_init=kaiming_fan_out, name='stem_conv')(x)

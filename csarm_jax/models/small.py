@@ -25,6 +25,10 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, norm: str, weights=None, return_features: bool = False):
+    min_size = 2 ** (self.num_stages - 1)
+    if min(x.shape[1:3]) < min_size:
+      raise ValueError(f'CNN with {self.num_stages} stages needs images of at least '
+                       f'{min_size}x{min_size} pixels, got {x.shape[1]}x{x.shape[2]}')
     x = x.astype(self.dtype)
     for i in range(self.num_stages):
       x = nn.Conv(self.width * 2 ** i, (3, 3), padding=1, use_bias=False, dtype=self.dtype,

@@ -1,0 +1,85 @@
+"""The model zoo: every name builds and runs; parameter counts and initialisation are as specified."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import csarm_jax as cj
+from csarm_jax import models
+
+
+def _num_params(model, shape):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), norm='context'))
+  return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes['params']))
+
+
+# torchvision's counts (ResNet-18 11,689,512; -34 21,797,672; -50 25,557,032 with a 1000-way head)
+# minus that head, plus 2 more stem input channels (2 * 64 * 7 * 7) and an 8-way head.
+@pytest.mark.parametrize('name, torchvision, features', [
+    ('resnet18', 11_689_512, 512), ('resnet34', 21_797_672, 512), ('resnet50', 25_557_032, 2048)])
+@pytest.mark.parametrize('downsample', ['avgpool', 'strided'])
+def test_resnet_parameter_counts_match_torchvision(name, torchvision, features, downsample):
+  model = models.create(name, 8, in_channels=5, downsample=downsample)
+  expected = torchvision - (features * 1000 + 1000) + 2 * 64 * 49 + features * 8 + 8
+  assert _num_params(model, (1, 224, 224, 5)) == expected
+
+
+@pytest.mark.parametrize('name, options, shape', [
+    ('resnet18', dict(width=4), (3, 32, 32, 5)),
+    ('resnet34', dict(width=4, downsample='strided'), (3, 32, 32, 5)),
+    ('resnet50', dict(width=4, in_channels=3), (3, 32, 32, 3)),   # bottleneck + zero-init bn3
+    ('cnn', dict(width=4), (3, 16, 16, 5)),
+    ('mlp', dict(in_features=10, hidden=8), (3, 10)),
+])
+def test_every_model_builds_and_runs(name, options, shape):
+  model = models.create(name, 4, **options)
+  x = jax.random.normal(jax.random.key(0), shape)
+  variables = models.init_variables(model, jax.random.key(1), x)
+  chex.assert_type(jax.tree.leaves(variables), jnp.float32)
+  logits, features = jax.jit(lambda v, x: cj.context_forward(model, v, x, return_features=True))(
+      variables, x)
+  chex.assert_shape(logits, (shape[0], 4))
+  chex.assert_rank(features, 2)
+  chex.assert_tree_all_finite((logits, features))
+  bottleneck_last = [block['bn3']['scale'] for block in variables['params'].values()
+                     if isinstance(block, dict) and 'bn3' in block]
+  assert len(bottleneck_last) == (16 if name == 'resnet50' else 0)
+  assert all(float(jnp.abs(s).max()) == 0.0 for s in bottleneck_last)
+
+
+def test_initialisation_zero_last_bn_and_kaiming_fan_out():
+  model = models.create('resnet18', 8, width=16)
+  variables = models.init_variables(model, jax.random.key(0), jnp.zeros((1, 32, 32, 5)))
+  params = variables['params']
+  assert float(jnp.abs(params['stage1_block0']['bn2']['scale']).max()) == 0.0
+  assert float(jnp.min(params['stage1_block0']['bn1']['scale'])) == 1.0
+  stem = np.asarray(params['stem_conv']['kernel'])               # (7, 7, 5, 16): fan_out = 7*7*16
+  np.testing.assert_allclose(stem.std(), np.sqrt(2.0 / (7 * 7 * 16)), rtol=0.1)
+  plain = models.create('resnet18', 8, width=16, zero_init_last_bn=False)
+  p2 = models.init_variables(plain, jax.random.key(0), jnp.zeros((1, 32, 32, 5)))['params']
+  assert float(jnp.min(p2['stage1_block0']['bn2']['scale'])) == 1.0
+
+
+def test_downsampling_variants_differ_where_documented():
+  pooled = models.create('resnet18', 2, width=4, downsample='avgpool')
+  strided = models.create('resnet18', 2, width=4, downsample='strided')
+  shape = (1, 32, 32, 5)
+  init = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros(shape), norm='context'))
+  assert jax.tree.structure(init(pooled)) == jax.tree.structure(init(strided))
+  jaxpr = lambda m: str(jax.make_jaxpr(lambda x: m.init(jax.random.key(0), x, norm='context'))(
+      jnp.zeros(shape)))
+  assert 'reduce_window_sum' in jaxpr(pooled)      # average pooling in blocks and shortcuts
+  assert 'reduce_window_sum' not in jaxpr(strided)
+
+
+def test_bad_model_names_and_options():
+  with pytest.raises(ValueError, match='unknown model'):
+    models.create('vit', 8)
+  with pytest.raises(ValueError, match="bad options for model 'cnn'"):
+    models.create('cnn', 8, depth=3)
+  with pytest.raises(ValueError, match='unknown dtype'):
+    models.create('cnn', 8, dtype='float8')
+  with pytest.raises(ValueError, match="downsample must be"):
+    models.init_variables(models.create('resnet18', 8, downsample='conv'), jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 5)))
