@@ -1,0 +1,35 @@
+"""The training state: one pytree of arrays (parameters, running BN averages, optimizer, step, RNG)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+import flax.linen as nn
+from flax import struct
+
+from csarm_jax.models import init_variables
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array                 # int32 scalar: optimizer updates done
+  params: Any
+  batch_stats: Any                # running averages (used by ERM-style methods only)
+  opt_state: Any
+  rng: jax.Array                  # raw uint32 key data, so checkpoints hold plain arrays
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                 example: jax.Array) -> TrainState:
+  """A fresh state; ``example`` is one context's input (float, any batch size)."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = init_variables(model, init_rng, example)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                    batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
+                    rng=jax.random.key_data(state_rng))

@@ -1,0 +1,92 @@
+"""The shared training step: oracle loss/gradients, per-context statistics, sharding invariance."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import csarm_jax as cj
+from csarm_jax import methods, training
+from csarm_jax.nn import RUNNING_STATS
+from step_fixture import make, make_batch, preprocess, run_steps
+
+
+def _oracle_loss(model, method, params, batch_stats, batch):
+  """Python loop over contexts: mean over contexts of the mean CE of labelled rows."""
+  losses = []
+  for c in range(batch['images'].shape[0]):
+    weights = method.weights(jnp.asarray(batch['mask'][c]), jnp.asarray(batch['is_control'][c]))
+    logits = cj.context_forward(model, {'params': params, RUNNING_STATS: batch_stats},
+                                preprocess(jnp.asarray(batch['images'][c])), weights)
+    labels = batch['labels'][c]
+    rows = labels >= 0
+    logp = jax.nn.log_softmax(logits)[rows]
+    losses.append(-jnp.mean(logp[jnp.arange(rows.sum()), labels[rows]]))
+  return jnp.mean(jnp.stack(losses))
+
+
+@pytest.mark.parametrize('method_name', ['cs_arm_bn', 'ben', 'arm_bn'])
+def test_step_equals_python_loop_oracle(method_name):
+  method = methods.get(method_name)
+  model, tx, state, step = make(method_name, tx=optax.sgd(0.1))
+  batch = make_batch()
+  new_state, metrics = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch))
+  loss, grads = jax.value_and_grad(lambda p: _oracle_loss(model, method, p, state.batch_stats, batch))(
+      state.params)
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
+  chex.assert_trees_all_close(new_state.params, expected, rtol=1e-4, atol=1e-6)
+  assert int(new_state.step) == 1 and int(metrics['labelled']) == 16
+
+
+def test_padding_rows_do_not_change_the_update():
+  _, _, state, step = make()
+  batch = make_batch(pad=1)
+  trimmed = {k: (v[:, :-1] if np.ndim(v) == 2 or k == 'images' else v) for k, v in batch.items()}
+  a, _ = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch))
+  b, _ = jax.jit(step)(state, jax.tree.map(jnp.asarray, trimmed))
+  chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-6)
+
+
+def test_ben_normalises_with_the_controls_statistics_only():
+  model, _, state, _ = make('ben')
+  batch = make_batch(num_contexts=1)
+  x = preprocess(jnp.asarray(batch['images'][0]))
+  evaluate = training.make_eval_step(model, methods.BEN, preprocess)
+  logits = evaluate(state.variables, jax.tree.map(jnp.asarray, batch))['logits'][0]
+  controls = x[4:6]
+  expected = cj.adapt_and_predict(model, state.variables, controls, x[:4])
+  np.testing.assert_allclose(logits[:4], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_erm_trains_running_averages_as_the_mean_over_contexts():
+  model, _, state, step = make('erm')
+  batch = make_batch(controls=0)
+  new_state, _ = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch))
+  per_context = []
+  for c in range(4):
+    _, upd = model.apply(state.variables, preprocess(jnp.asarray(batch['images'][c])), norm='context',
+                         weights=jnp.asarray(batch['mask'][c]), mutable=[RUNNING_STATS])
+    per_context.append(upd[RUNNING_STATS])
+  expected = jax.tree.map(lambda *r: jnp.mean(jnp.stack(r), 0), *per_context)
+  chex.assert_trees_all_close(new_state.batch_stats, expected, rtol=1e-5, atol=1e-6)
+  # ERM evaluates with those running averages, CS-ARM-BN never touches them.
+  _, _, cs_state, cs_step = make('cs_arm_bn')
+  cs_new, _ = jax.jit(cs_step)(cs_state, jax.tree.map(jnp.asarray, batch))
+  chex.assert_trees_all_equal(cs_new.batch_stats, cs_state.batch_stats)
+
+
+def test_sharded_update_equals_single_device_update():
+  assert jax.device_count() == 4
+  batches = [make_batch(num_contexts=8, seed=s) for s in range(2)]
+  one, m1 = run_steps('cs_arm_bn', training.make_mesh(jax.devices()[:1]), batches)
+  four, m4 = run_steps('cs_arm_bn', training.make_mesh(), batches)
+  chex.assert_trees_all_close(four.params, one.params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(four.opt_state, one.opt_state, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-6)
+
+
+def test_contexts_must_divide_across_devices():
+  with pytest.raises(ValueError, match='contexts_per_step=6 must be a multiple'):
+    training.sharding.check_contexts_divide(6, training.make_mesh())
