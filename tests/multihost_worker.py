@@ -1,0 +1,35 @@
+"""One process of a 2-process CPU run of the sharded step (launched by test_multihost.py).
+
+usage: multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
+"""
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ['CSARM_DISTRIBUTED'] = '1'
+sys.path.insert(0, os.path.dirname(__file__))
+
+from csarm_jax import training  # noqa: E402
+
+
+def main(process_id, num_processes, port, out):
+  training.maybe_initialize_distributed(f'localhost:{port}', num_processes, process_id)
+  import jax
+  import numpy as np
+  from step_fixture import make_batch, run_steps
+
+  mesh = training.make_mesh()
+  assert jax.process_count() == num_processes and mesh.size == 2 * num_processes
+  # Each process feeds only its own share of every global batch.
+  share = lambda b: {k: v[training.sharding.local_share(8, mesh)] for k, v in b.items()}
+  batches = [share(make_batch(num_contexts=8, seed=s)) for s in range(2)]
+  state, metrics = run_steps('cs_arm_bn', mesh, batches)
+  if jax.process_index() == 0:
+    leaves = jax.tree.leaves(state.params)
+    np.savez(out, loss=metrics['loss'], *leaves)
+  jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
