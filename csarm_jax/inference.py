@@ -1,0 +1,188 @@
+"""Self-contained inference checkpoints and prediction of new plates.
+
+    export(workdir, out)                       # best checkpoint of a run -> out/{variables, inference.json}
+    members = [load(path) for path in exports] # one per fold: an ensemble
+    images, wells = predict_store(members, open_store(path))
+
+An export holds everything prediction needs and nothing of training: parameters and running BN
+averages, the normalisation statistics, class ids/names, channel names, the model's spec, the method
+and its evaluation protocol (context size, controls per context, seed). Prediction applies exactly
+the training-time preprocessing (centre crop, the fold's normalisation) and test-time rule: each
+plate is adapted with its own controls, in contexts of the same shape as evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pandas as pd
+import flax.linen as nn
+
+from csarm_jax import methods, models
+from csarm_jax.data import normalization, pipeline
+from csarm_jax.data.store import ImageStore
+from csarm_jax.evaluation import metrics as metrics_lib
+from csarm_jax.evaluation import protocol
+from csarm_jax.training import checkpoint, sharding
+from csarm_jax.training.experiment import make_optimizer
+from csarm_jax.training.state import create_state
+from csarm_jax.training.step import compile_eval_step, make_eval_step
+
+FORMAT_VERSION = 1
+SPEC, NORMALIZATION, CONFIG, FOLD = 'model.json', 'normalization.json', 'config.json', 'fold.json'
+INFERENCE, VARIABLES = 'inference.json', 'variables'
+
+
+def model_spec(exp) -> dict[str, Any]:
+  """What a run writes to ``workdir/model.json``: enough to rebuild its model and protocol."""
+  c = exp.config
+  return {'model': {'name': c.model.name, 'num_classes': len(exp.store.class_ids),
+                    'options': _model_options(exp.model, c), 'dtype': c.model.dtype},
+          'method': exp.method.name, 'store_kind': exp.store.kind,
+          'channels': exp.store.channels,
+          'classes': [{'id': i, 'name': n} for i, n in zip(exp.store.class_ids, exp.store.class_names)],
+          'crop_size': c.data.crop_size if exp.store.kind == 'images' else None,
+          'eval': {'num_perturbed': c.eval.num_perturbed, 'num_controls': c.eval.num_controls,
+                   'seed': c.eval.seed}}
+
+
+def _model_options(model: nn.Module, config) -> dict[str, Any]:
+  options = dict(config.model.options)
+  key = 'in_features' if model.input_rank == 2 else 'in_channels'
+  options[key] = int(model.in_channels)
+  return options
+
+
+@dataclasses.dataclass
+class Predictor:
+  """One exported model, ready to predict."""
+  path: str
+  model: nn.Module
+  variables: dict[str, Any]
+  method: methods.Method
+  norm: normalization.NormStats
+  spec: dict[str, Any]
+
+  def preprocess(self, images):
+    return normalization.normalize(images, self.norm)
+
+
+def _read_json(path: str) -> Any:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} is missing')
+  with open(path) as f:
+    return json.load(f)
+
+
+def _build_model(spec: dict[str, Any]) -> nn.Module:
+  m = spec['model']
+  return models.create(m['name'], m['num_classes'], dtype=m['dtype'], **m['options'])
+
+
+def export(workdir: str, out: str, which: str = checkpoint.BEST) -> str:
+  """Writes ``out/variables`` (orbax) and ``out/inference.json`` from a run's checkpoint."""
+  spec = _read_json(os.path.join(workdir, SPEC))
+  config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, CONFIG)))
+  norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
+  model = _build_model(spec)
+  tx = make_optimizer(config, total_steps=1)             # the state's structure, not its values
+  crop = spec['crop_size']
+  example = (jnp.zeros((2, spec['model']['options']['in_features'])) if spec['store_kind'] == 'features'
+             else jnp.zeros((2, crop, crop, len(spec['channels']))))
+  shapes = jax.eval_shape(lambda: create_state(model, tx, jax.random.key(0), example))
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ckpt = checkpoint.Checkpoints(workdir)
+  try:
+    if ckpt.latest_step(which) is None:
+      which = checkpoint.LATEST
+    restored = ckpt.restore(which, checkpoint.abstract_like(shapes, cpu))
+    if restored is None:
+      raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export')
+    state, _, meta = restored
+  finally:
+    ckpt.close()
+  os.makedirs(out, exist_ok=True)
+  variables_dir = os.path.join(os.path.abspath(out), VARIABLES)
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(variables_dir, {'params': state.params, 'batch_stats': state.batch_stats}, force=True)
+  fold = _read_json(os.path.join(workdir, FOLD)) if os.path.exists(os.path.join(workdir, FOLD)) else None
+  info = {'format_version': FORMAT_VERSION, **spec, 'normalization': json.loads(norm.to_json()),
+          'provenance': {'workdir': os.path.abspath(workdir), 'checkpoint': which,
+                         'step': int(state.step), 'best_val_loss': meta.get('best_val_loss'),
+                         'fold': fold, 'config': config.to_dict()}}
+  with open(os.path.join(out, INFERENCE), 'w') as f:
+    json.dump(info, f, indent=1)
+  return out
+
+
+def load(path: str) -> Predictor:
+  info = _read_json(os.path.join(path, INFERENCE))
+  if info.get('format_version') != FORMAT_VERSION:
+    raise ValueError(f'{path}/{INFERENCE}: format_version {info.get("format_version")} is not '
+                     f'{FORMAT_VERSION}')
+  model = _build_model(info)
+  with ocp.StandardCheckpointer() as loader:
+    variables = loader.restore(os.path.join(os.path.abspath(path), VARIABLES))
+  norm = normalization.NormStats.from_json(json.dumps(info['normalization']))
+  return Predictor(path, model, variables, methods.get(info['method']), norm, info)
+
+
+def _check_compatible(members: Sequence[Predictor], store: ImageStore) -> dict[str, Any]:
+  first = members[0].spec
+  for m in members:
+    if m.spec['channels'] != store.channels:
+      raise ValueError(f'{m.path}: trained on channels {m.spec["channels"]}, but the store has '
+                       f'{store.channels}')
+    if [c['id'] for c in m.spec['classes']] != [c['id'] for c in first['classes']]:
+      raise ValueError(f'{m.path}: its classes differ from {members[0].path}\'s')
+    for key in ('crop_size', 'eval'):
+      if m.spec[key] != first[key] or m.method.eval_controls != members[0].method.eval_controls:
+        raise ValueError(f'{m.path}: its {key} / test-time protocol differs from '
+                         f'{members[0].path}\'s; ensemble members must share it')
+  return first
+
+
+def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Sequence[str] | None = None,
+                  contexts_per_step: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
+  """Per-image and per-well predictions (ensemble-mean class probabilities, predictive entropy) of
+  every perturbed image of ``plates`` (default: all), each plate adapted with its own controls."""
+  if not members:
+    raise ValueError('no exported model given')
+  spec = _check_compatible(members, store)
+  plates = sorted(store.table['Metadata_Plate'].unique()) if plates is None else list(plates)
+  mesh = sharding.make_mesh()
+  sharding.check_contexts_divide(contexts_per_step, mesh, 'contexts_per_step')
+  e, num_classes = spec['eval'], len(spec['classes'])
+  probs, frame = None, None
+  for m in members:
+    batches = pipeline.evaluation_batches(
+        store, plates, num_perturbed=e['num_perturbed'],
+        num_controls=e['num_controls'] if m.method.eval_controls else 0,
+        contexts_per_batch=contexts_per_step, crop_size=spec['crop_size'], seed=e['seed'],
+        require_labels=False, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    eval_step = compile_eval_step(make_eval_step(m.model, m.method, m.preprocess), mesh)
+    member_frame, _, _ = protocol.run_contexts(store, mesh, eval_step, m.variables, batches)
+    p = member_frame[metrics_lib.prob_columns(num_classes)].to_numpy()
+    if frame is None:
+      frame, probs = member_frame, p
+    else:
+      if not np.array_equal(member_frame['row'].to_numpy(), frame['row'].to_numpy()):
+        raise AssertionError('ensemble members saw different contexts')
+      probs = probs + p
+  probs = probs / len(members)
+  frame[metrics_lib.prob_columns(num_classes)] = probs
+  frame['pred'] = probs.argmax(axis=1)
+  frame['pred_id'] = [spec['classes'][k]['id'] for k in frame['pred']]
+  frame['pred_name'] = [spec['classes'][k]['name'] for k in frame['pred']]
+  frame['entropy'] = metrics_lib.entropy(probs)
+  wells = metrics_lib.well_predictions(frame, num_classes)
+  wells['pred_name'] = [spec['classes'][k]['name'] for k in wells['pred']]
+  return frame, wells

@@ -1,0 +1,66 @@
+"""Orbax checkpoints of a run: ``latest`` (resume) and ``best`` (by validation loss).
+
+Each checkpoint holds three items: ``state`` (the TrainState pytree: parameters, running BN averages,
+optimizer state, step, RNG), ``data`` (the training iterator's state) and ``meta`` (loop
+bookkeeping -- epoch, early-stopping counters, history -- and the config). Restores go through an
+abstract target carrying the *current* shardings, so a checkpoint written on 8 devices restores on
+1 (orbax otherwise refuses a topology change).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Sharding
+
+LATEST, BEST = 'latest', 'best'
+
+
+def abstract_like(tree: Any, sharding: Sharding) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+class Checkpoints:
+  """``save(which, step, state, data, meta)`` / ``restore(which, abstract_state)``."""
+
+  def __init__(self, workdir: str, keep_latest: int = 2):
+    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self._managers = {
+        LATEST: ocp.CheckpointManager(os.path.join(root, LATEST), options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep_latest, create=True)),
+        BEST: ocp.CheckpointManager(os.path.join(root, BEST), options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True)),
+    }
+
+  def latest_step(self, which: str = LATEST) -> int | None:
+    return self._managers[which].latest_step()
+
+  def save(self, which: str, step: int, state: Any, data: dict[str, Any], meta: dict[str, Any]) -> None:
+    manager = self._managers[which]
+    if manager.latest_step() == step:          # already saved (e.g. SIGTERM right after a save)
+      return
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=ocp.args.JsonSave(data),
+                                               meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, which: str, abstract_state: Any, step: int | None = None
+              ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+    """(state, data, meta) of the given (default: newest) step, or None if there is none."""
+    manager = self._managers[which]
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['data'], restored['meta']
+
+  def wait(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.close()

@@ -1,0 +1,264 @@
+"""``train_and_evaluate(config, workdir)``: the one loop every method trains with.
+
+Per step: the next batch of contexts (grain), assembled into global arrays sharded over contexts,
+one compiled update. Metrics stay on the device until a logging step. Every epoch (or
+``eval_every_epochs``) the validation plates are evaluated under the method's test-time rule;
+early stopping watches that loss. ``latest`` checkpoints (state + data iterator + loop bookkeeping)
+are written every ``checkpoint_every_steps`` and at evaluations; a run killed and restarted with
+the same workdir continues exactly. SIGTERM (e.g. TPU preemption) saves before exiting. At the end
+the best state is evaluated on every held-out part and metrics are written to the workdir.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import ml_collections
+import pandas as pd
+from absl import logging
+from tqdm import tqdm
+
+from csarm_jax import inference
+from csarm_jax.data import pipeline
+from csarm_jax.evaluation import metrics as metrics_lib
+from csarm_jax.evaluation import protocol
+from csarm_jax.training import checkpoint, experiment, sharding
+from csarm_jax.training.metrics_log import MetricsLog
+from csarm_jax.training.state import TrainState, create_state
+from csarm_jax.training.step import (compile_eval_step, compile_train_step, make_eval_step,
+                                     make_train_step)
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the latest checkpoint was saved. Re-run the same command to resume."""
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop polls between steps (restores the old handler on exit)."""
+
+  def __enter__(self):
+    self.raised = False
+    self._old = signal.signal(signal.SIGTERM, self._handle) if _main_thread() else None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _main_thread() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+def _train_batches(exp: experiment.Experiment):
+  c, m = exp.config, exp.method
+  return pipeline.training_batches(
+      exp.store, exp.fold.train, num_perturbed=c.data.num_perturbed,
+      num_controls=c.data.num_controls if m.train_controls else 0,
+      contexts_per_batch=c.data.contexts_per_step,
+      crop_size=c.data.crop_size if exp.store.kind == 'images' else None, flips=c.data.flips,
+      mode=m.train_sampling, too_few=c.data.too_few, seed=c.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=c.data.num_threads, prefetch_buffer_size=c.data.prefetch)
+
+
+def _fresh_meta() -> dict[str, Any]:
+  return {'epoch': 0, 'best_val_loss': math.inf, 'best_step': -1, 'evals_without_improvement': 0,
+          'history': [], 'stopped_early': False}
+
+
+def train(exp: experiment.Experiment, workdir: str,
+          on_step: Callable[[int], None] | None = None) -> tuple[TrainState, dict[str, Any]]:
+  """Trains to the end of the schedule or early stopping; returns (best state, loop bookkeeping)."""
+  c = exp.config
+  repl = sharding.replicated(exp.mesh)
+  state = create_state(exp.model, exp.tx, jax.random.key(c.seed), exp.example_input)
+  abstract = checkpoint.abstract_like(state, repl)
+  ckpt = checkpoint.Checkpoints(workdir)
+  batches = _train_batches(exp)
+  meta = _fresh_meta()
+  restored = ckpt.restore(checkpoint.LATEST, abstract)
+  if restored is not None:
+    state, data_state, meta = restored
+    batches.set_state(data_state)
+    logging.info('resumed from step %d (epoch %d)', int(state.step), meta['epoch'])
+  else:
+    state = jax.device_put(state, repl)
+
+  step_fn = compile_train_step(make_train_step(exp.model, exp.method, exp.tx, exp.preprocess),
+                               exp.mesh)
+  eval_step = compile_eval_step(make_eval_step(exp.model, exp.method, exp.preprocess), exp.mesh)
+  log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  lead = jax.process_index() == 0
+  step = int(state.step)
+  eval_every = c.train.eval_every_epochs * exp.steps_per_epoch
+  pending: list[dict[str, jax.Array]] = []
+  window_start, window_images = time.perf_counter(), 0
+
+  def save(which: str) -> None:
+    ckpt.save(which, step, state, batches.get_state(), meta)
+
+  bar = tqdm(total=exp.total_steps, initial=step, disable=not lead, unit='step', dynamic_ncols=True)
+  try:
+    with _SigtermFlag() as sigterm:
+      while step < exp.total_steps and not meta['stopped_early']:
+        state, metrics = step_fn(state, sharding.global_batch(next(batches), exp.mesh))
+        step += 1
+        pending.append(metrics)
+        bar.update(1)
+        if on_step is not None:
+          on_step(step)
+        if step % c.train.log_every_steps == 0 or step == exp.total_steps:
+          summary = _reduce(jax.device_get(pending))
+          pending = []
+          window_images += summary.pop('images')
+          elapsed = time.perf_counter() - window_start
+          summary['images_per_s'] = window_images / max(elapsed, 1e-9)
+          window_start, window_images = time.perf_counter(), 0
+          log.write(step, summary, 'train')
+          bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['accuracy']:.3f}",
+                          img_s=f"{summary['images_per_s']:.0f}")
+          if not np.isfinite(summary['loss']):
+            ckpt.save(checkpoint.LATEST, step, state, batches.get_state(), {**meta, 'diverged': True})
+            ckpt.wait()
+            raise FloatingPointError(
+                f'training loss became {summary["loss"]} by step {step} (checked every '
+                f'{c.train.log_every_steps} steps); the diverged state is saved as step {step} in '
+                f'{workdir}/checkpoints/latest, the previous good one just before it. Lower '
+                f'config.optimizer.learning_rate or check the inputs.')
+        if step % eval_every == 0:
+          meta['epoch'] = step // exp.steps_per_epoch
+          _validate(exp, eval_step, state, step, meta, log)
+          if meta['best_step'] == step:
+            save(checkpoint.BEST)
+          save(checkpoint.LATEST)
+        elif c.train.checkpoint_every_steps and step % c.train.checkpoint_every_steps == 0:
+          save(checkpoint.LATEST)
+        if sigterm.raised:
+          save(checkpoint.LATEST)
+          ckpt.wait()
+          raise Preempted(f'SIGTERM at step {step}: saved {workdir}/checkpoints/latest; '
+                          f'run the same command again to resume')
+    save(checkpoint.LATEST)
+    ckpt.wait()
+    if exp.fold.validation and ckpt.latest_step(checkpoint.BEST) is not None:
+      state = ckpt.restore(checkpoint.BEST, abstract)[0]
+    return state, meta
+  finally:
+    bar.close()
+    log.close()
+    ckpt.close()
+
+
+def _reduce(metrics: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  labelled = np.array([m['labelled'] for m in metrics], np.float64)
+  return {'loss': float(np.mean([m['loss'] for m in metrics])),
+          'accuracy': float(np.sum([m['accuracy'] * n for m, n in zip(metrics, labelled)]) /
+                            max(labelled.sum(), 1)),
+          'grad_norm': float(np.mean([m['grad_norm'] for m in metrics])),
+          'images': int(np.sum([m['images'] for m in metrics]))}
+
+
+def _validate(exp, eval_step, state, step: int, meta: dict[str, Any], log: MetricsLog) -> None:
+  """Validation loss and accuracy; updates the early-stopping bookkeeping in ``meta``."""
+  if not exp.fold.validation:
+    meta['best_step'] = step        # nothing to select on: the newest state is the best
+    return
+  frame, result = protocol.evaluate(exp, eval_step, state.variables, exp.fold.validation)
+  accuracy = float((frame['pred'] == frame['label']).mean())
+  meta['history'].append({'step': step, 'epoch': meta['epoch'], 'val_loss': result['loss'],
+                          'val_accuracy': accuracy})
+  log.write(step, {'loss': result['loss'], 'accuracy': accuracy}, 'validation')
+  if result['loss'] < meta['best_val_loss']:
+    meta.update(best_val_loss=result['loss'], best_step=step, evals_without_improvement=0)
+  else:
+    meta['evals_without_improvement'] += 1
+    if meta['evals_without_improvement'] >= exp.config.train.patience:
+      meta['stopped_early'] = True
+      logging.info('early stopping at step %d: no validation improvement in %d evaluations',
+                   step, exp.config.train.patience)
+
+
+def evaluation_settings(exp) -> list[tuple[str, str, Any, tuple[str, ...]]]:
+  """(part, mode, alpha, plates) for every evaluation the config asks for."""
+  parts = [('test', exp.fold.test), ('in_domain', exp.fold.in_domain),
+           ('validation', exp.fold.validation)]
+  settings = []
+  for part, plates in parts:
+    if not plates:
+      continue
+    settings.append((part, 'chunks', None, plates))
+    if exp.config.eval.whole_plate:
+      settings.append((part, 'whole_plate', None, plates))
+    for alpha in exp.config.eval.label_shift_alphas:
+      settings.append((part, 'label_shift', float(alpha), plates))
+  return settings
+
+
+def evaluate_all(exp, variables, workdir: str) -> dict[str, Any]:
+  """Evaluates every held-out part and mode; writes predictions and metrics under workdir/eval."""
+  eval_step = compile_eval_step(make_eval_step(exp.model, exp.method, exp.preprocess), exp.mesh)
+  out_dir = os.path.join(workdir, 'eval')
+  os.makedirs(out_dir, exist_ok=True)
+  results = {}
+  for part, mode, alpha, plates in evaluation_settings(exp):
+    name = f'{part}.{mode}' + (f'_alpha{alpha:g}' if alpha is not None else '')
+    frame, extra = protocol.evaluate(exp, eval_step, variables, plates, mode, alpha)
+    summary = {**metrics_lib.summarize(frame, exp.store.class_names), **extra,
+               'part': part, 'mode': mode, 'alpha': alpha, 'num_plates': len(plates)}
+    results[name] = summary
+    if jax.process_index() == 0:
+      frame.to_parquet(os.path.join(out_dir, f'{name}.predictions.parquet'), index=False)
+      metrics_lib.well_predictions(frame, len(exp.store.class_ids)).to_csv(
+          os.path.join(out_dir, f'{name}.wells.csv'), index=False)
+      metrics_lib.write(summary, exp.store.class_names, os.path.join(out_dir, name))
+  return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+  rows = [{'evaluation': name, 'images': r['num_images'], 'accuracy': r['accuracy'],
+           'balanced_acc': r['balanced_accuracy'], 'macro_f1': r['macro_f1'],
+           'well_acc': r['well_accuracy']} for name, r in results.items()]
+  return pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:.3f}')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint), then evaluates it.
+
+  Returns (and writes to ``workdir/results.json``) the metrics of every evaluation.
+  """
+  d = config.distributed
+  sharding.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id,
+                                        enabled=d.enabled)
+  os.makedirs(workdir, exist_ok=True)
+  exp = experiment.build(config, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+    with open(os.path.join(workdir, 'model.json'), 'w') as f:
+      json.dump(inference.model_spec(exp), f, indent=1)
+  logging.info('%s | %s | %s on %d devices | %d steps/epoch, at most %d steps',
+               exp.fold.description, exp.method.name, config.model.name, exp.mesh.size,
+               exp.steps_per_epoch, exp.total_steps)
+  state, meta = train(exp, workdir, on_step)
+  results = evaluate_all(exp, state.variables, workdir)
+  final = {'method': exp.method.name, 'fold': exp.fold.name, 'seed': config.seed,
+           'best_step': meta['best_step'], 'stopped_early': meta['stopped_early'],
+           'evaluated_step': int(state.step), 'evaluations': results}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(final, f, indent=1)
+    print(f'\n{exp.method.name} | {exp.fold.description}\n{summary_table(results)}', flush=True)
+  return final

@@ -1,0 +1,81 @@
+"""Defaults for every experiment: CS-ARM-BN in the paper's setting. Other configs import and override.
+
+Usage: python experiments/train.py --config=experiments/configs/NAME.py[:variant] --workdir=DIR \
+           [--config.a.b=value ...]
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  del variant
+  c = ml_collections.ConfigDict()
+  c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | cs_arm_bn | ben
+  c.seed = 0                        # parameters and training contexts
+  c.store = config_dict.placeholder(str)   # image store path or URL (file://, gs://, s3://)
+
+  # Build the synthetic benchmark into `store` on first use when set (tiny | quickstart | large).
+  c.synthetic = ml_collections.ConfigDict({'preset': config_dict.placeholder(str), 'seed': 0})
+
+  c.model = ml_collections.ConfigDict({
+      'name': 'resnet50',
+      'options': {'width': 64, 'downsample': 'avgpool', 'zero_init_last_bn': True},
+      'dtype': 'float32',           # compute dtype; 'bfloat16' keeps float32 parameters/statistics
+  })
+
+  c.data = ml_collections.ConfigDict({
+      'crop_size': 256,             # random crop (training) / centre crop (evaluation)
+      'flips': True,
+      'num_perturbed': 64,          # labelled images per training context
+      'num_controls': 128,          # same-plate DMSO controls per context (methods that use them)
+      'contexts_per_step': 8,       # contexts per optimizer update (a multiple of the devices)
+      'too_few': 'replace',         # plates with too few images: sample with replacement (reported)
+      'norm_max_images': config_dict.placeholder(int),   # cap the normalisation pass (None: all)
+      'num_threads': 4,
+      'prefetch': 2,
+  })
+
+  c.split = ml_collections.ConfigDict({
+      'kind': 'source',             # source (leave-one-source-out) | batch | plate (k-fold)
+      'num_folds': config_dict.placeholder(int),
+      'fold': 0,                    # which fold this run trains
+      'validation_by': 'batch',
+      'validation_fraction': 0.15,
+      'in_domain_fraction': 0.0,    # hold out this fraction of training plates as an in-domain test
+      'seed': 0,
+  })
+
+  c.optimizer = ml_collections.ConfigDict({
+      'name': 'adam', 'learning_rate': 1e-3, 'weight_decay': 0.0,
+      'schedule': 'constant',       # constant | cosine
+      'warmup_steps': 0,
+  })
+
+  c.train = ml_collections.ConfigDict({
+      'max_epochs': 200,
+      'steps_per_epoch': config_dict.placeholder(int),   # None: training perturbed images / (N * C)
+      'max_steps': config_dict.placeholder(int),         # hard cap on optimizer updates
+      'patience': 20,               # early stopping on validation loss, in evaluations
+      'eval_every_epochs': 1,
+      'log_every_steps': 50,
+      'checkpoint_every_steps': 500,
+  })
+
+  c.eval = ml_collections.ConfigDict({
+      'num_perturbed': 64,          # perturbed images per test context (chunks of a plate)
+      'num_controls': 128,          # fresh same-plate controls per test context
+      'contexts_per_step': 8,
+      'seed': 1234,                 # the fixed permutation of each plate's images
+      'whole_plate': False,         # also evaluate with whole-plate statistics (streamed)
+      'label_shift_alphas': [],     # also evaluate under Dirichlet(alpha) label shift
+      'label_shift_seed': 5678,
+      'chunk_size': 256,            # rows per pass when streaming whole plates
+  })
+
+  c.distributed = ml_collections.ConfigDict({
+      'enabled': False,             # or CSARM_DISTRIBUTED=1; arguments None = auto-detect
+      'coordinator_address': config_dict.placeholder(str),
+      'num_processes': config_dict.placeholder(int),
+      'process_id': config_dict.placeholder(int),
+  })
+  return c

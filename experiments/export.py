@@ -1,0 +1,22 @@
+r"""Export a run's best checkpoint as a self-contained inference checkpoint.
+
+  python experiments/export.py --workdir=runs/quickstart --out=exports/quickstart
+"""
+from absl import app, flags
+
+from csarm_jax import inference
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished (or running) training run.')
+_OUT = flags.DEFINE_string('out', None, 'Directory to write the export to.')
+_WHICH = flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Checkpoint to export.')
+flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def main(argv):
+  del argv
+  path = inference.export(_WORKDIR.value, _OUT.value, _WHICH.value)
+  print(f'exported {_WORKDIR.value} ({_WHICH.value}) to {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)
