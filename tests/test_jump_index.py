@@ -97,6 +97,9 @@ def test_bad_load_data_is_named(tmp_path):
     jump.site_table(table.assign(URL_OrigAGP='s3://other-bucket/a.tif'), str(tmp_path), 'f.csv')
   with pytest.raises(jump.JumpDataError, match='f.csv lacks column Metadata_Site'):
     jump.site_table(table.drop(columns='Metadata_Site'), str(tmp_path), 'f.csv')
+  (tmp_path / 'broken.csv.gz').write_bytes(b'\x1f\x8b not really gzip')
+  with pytest.raises(jump.JumpDataError, match='broken.csv.gz is not a readable table'):
+    jump.read_table(str(tmp_path / 'broken.csv.gz'))
   ok = jump.site_table(table.assign(URL_OrigDNA='/data/dna.tif'), '/mirror', 'f.csv')
   assert ok['path_DNA'][0] == '/data/dna.tif' and ok['key_DNA'][0] == ''      # a local path is kept
   assert ok['path_ER'][0] == '/mirror/cpg0016-jump/x/ER.tif'

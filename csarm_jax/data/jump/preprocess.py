@@ -42,8 +42,10 @@ def clip_threshold(image: np.ndarray, percentile: float) -> float:
   """The n-th largest value, n = round(size * (100 - percentile) / 100) (at least 1)."""
   top_fraction = round(100.0 - percentile, 10) / 100
   n = max(1, int(np.around(image.size * top_fraction)))
-  flat = image.ravel()
-  return flat[np.argpartition(flat, flat.size - n)[flat.size - n]]
+  flat, k = image.ravel(), image.size - n          # the k-th smallest (from 0)
+  if flat.dtype in (np.uint8, np.uint16):          # a histogram is 2x faster than a partition
+    return flat.dtype.type(np.searchsorted(np.cumsum(np.bincount(flat)), k, side='right'))
+  return np.partition(flat, k)[k]
 
 
 def scale(image: np.ndarray, threshold: float, dtype: str) -> np.ndarray:

@@ -20,10 +20,6 @@ class JumpDataError(ValueError):
   """Bad JUMP input; the message names the file, plate or column at fault."""
 
 
-def is_table(path: str) -> bool:
-  return path.endswith(TABLE_SUFFIXES)
-
-
 def find_table(directory: str, stem: str) -> str | None:
   """``directory/stem`` with the first suffix of TABLE_SUFFIXES that exists, else None."""
   for suffix in TABLE_SUFFIXES:
@@ -40,22 +36,20 @@ def as_str(column: pd.Series) -> pd.Series:
   return column.astype('str')
 
 
-def read_table(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def read_table(path: str) -> pd.DataFrame:
   """Reads a .csv, .csv.gz or .parquet file; ``Metadata_*`` columns come back as strings."""
+  if not path.endswith(TABLE_SUFFIXES):
+    raise JumpDataError(f'{path}: expected one of {TABLE_SUFFIXES}')
   if not os.path.isfile(path):
     raise JumpDataError(f'{path} does not exist')
   try:
     if path.endswith('.parquet'):
-      table = pd.read_parquet(path, columns=list(columns) if columns else None)
-    elif path.endswith(('.csv', '.csv.gz')):
-      header = pd.read_csv(path, nrows=0).columns
-      table = pd.read_csv(path, usecols=list(columns) if columns else None, low_memory=False,
-                          dtype={c: str for c in header if c.startswith('Metadata_')})
+      table = pd.read_parquet(path)
     else:
-      raise JumpDataError(f'{path}: expected one of {TABLE_SUFFIXES}')
-  except (OSError, ValueError, EOFError) as e:
-    if isinstance(e, JumpDataError):
-      raise
+      header = pd.read_csv(path, nrows=0).columns
+      table = pd.read_csv(path, low_memory=False,
+                          dtype={c: str for c in header if c.startswith('Metadata_')})
+  except (OSError, ValueError, EOFError) as e:   # pandas/pyarrow parse errors are ValueErrors
     raise JumpDataError(f'{path} is not a readable table: {e}') from None
   for col in table.columns:
     if col.startswith('Metadata_'):
