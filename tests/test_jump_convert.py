@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 
 from csarm_jax.data import constants, jump, open_store
 from csarm_jax.data import store as store_lib
@@ -197,3 +198,30 @@ def test_illumination_correction(mirror, tmp_path):
   no_illum = qc[qc['issue'] == 'illum-missing']
   assert set(no_illum['Metadata_Sample_ID'].str[:8]) == {'source_8'}
   assert (no_illum['detail'] == 'load_data lists no file').all()
+
+
+def test_site_level_problems(tmp_path):
+  rng = np.random.default_rng(3)
+  site = {'row': 0, 'Metadata_Sample_ID': 's'}
+  for ch in CHANNELS:
+    image = rng.integers(1, 1000, (8, 8) if ch == 'ER' else (10, 10)).astype(np.uint16)
+    path = str(tmp_path / f'{ch}.tif')
+    tifffile.imwrite(path, image)
+    np.save(tmp_path / f'{ch}.npy', np.ones((6, 6)))              # not the image's size
+    site.update({f'path_{ch}': path, f'key_{ch}': '', f'illum_key_{ch}': '',
+                 f'illum_path_{ch}': str(tmp_path / f'{ch}.npy')})
+  image, size, issues = convert_lib.process_site(site, OPTIONS, (4, 4))
+  assert image is None and size is None and [i['issue'] for i in issues] == ['shape-mismatch']
+
+  site['path_ER'] = site['path_DNA']                               # sizes agree now
+  options = jump.ConvertOptions(illum=True)
+  image, size, issues = convert_lib.process_site(site, options, (4, 4))
+  assert image is None and size == (10, 10) and [i['issue'] for i in issues] == ['illum-shape']
+
+  sparse = np.zeros((10, 10), np.uint16)
+  sparse[1, 1] = 7                                   # one lit pixel; the threshold takes the 3rd
+  tifffile.imwrite(site['path_RNA'], sparse)
+  image, _, issues = convert_lib.process_site(site, jump.ConvertOptions(clip_percentile=88.0), (4, 4))
+  assert image is None and [(i['issue'], i['channel']) for i in issues] == [('zero-filled', 'RNA')]
+  image, _, issues = convert_lib.process_site(site, jump.ConvertOptions(clip_percentile=99.0), (4, 4))
+  assert image.shape == (4, 4, 5) and issues == [] and image[..., 2].max() == 255

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -293,13 +292,14 @@ def _finalise(out: str, kv: ts.KvStore, index: pd.DataFrame, info: dict[str, Any
               entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
   """Writes qc_report.csv, the table and (last) the manifest from the ledger."""
   ordered = [entries[s] for s in sorted(entries)]
-  sizes = np.array([site for e in ordered for site in e['sites']], dtype=np.int64).reshape(-1, 3)
-  table = index.iloc[sizes[:, 0]][list(store_lib.ID_COLUMNS) + list(TABLE_EXTRAS)
-                                  + ['is_control', 'label']].reset_index(drop=True)
+  # (row, source height, source width) of every written site, in row order
+  written = np.array([site for e in ordered for site in e['sites']], dtype=np.int64).reshape(-1, 3)
+  table = index.iloc[written[:, 0]][list(store_lib.ID_COLUMNS) + list(TABLE_EXTRAS)
+                                    + ['is_control', 'label']].reset_index(drop=True)
   table['is_control'] = table['is_control'].astype(bool)
   table['label'] = table['label'].astype(np.int64)
-  table['row'] = sizes[:, 0]
-  table['source_height'], table['source_width'] = sizes[:, 1], sizes[:, 2]
+  table['row'] = written[:, 0]
+  table['source_height'], table['source_width'] = written[:, 1], written[:, 2]
   qc = pd.DataFrame([i for e in ordered for i in e['issues']], columns=list(QC_COLUMNS))
   kv.write(QC_KEY, qc.to_csv(index=False).encode()).result()
   counts = qc_counts(len(index), ordered)
@@ -323,8 +323,9 @@ def _source_sizes(index: pd.DataFrame, sizes: dict[str, list[int]]) -> dict[str,
   return {s: sorted(v) for s, v in sorted(by_source.items())}
 
 
-def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOptions(), workers: int = 1,
-            overwrite: bool = False, command: str = '', progress: bool = True) -> dict[str, Any]:
+def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOptions(),
+                  workers: int = 1, overwrite: bool = False, command: str = '',
+                  progress: bool = True) -> dict[str, Any]:
   """Converts (or continues converting) the sites of an index into the store at ``out``.
 
   Returns the QC counts; logs the QC summary line. See the module docstring for the guarantees.
