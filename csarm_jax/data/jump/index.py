@@ -29,6 +29,7 @@ from csarm_jax.data.jump.load_data import (IMAGE_KINDS, SITE_KEYS, find_load_dat
 from csarm_jax.data.jump.metadata import Metadata
 from csarm_jax.data.jump.tables import JumpDataError, natural_site_order
 
+log = logging.getLogger(__name__)
 INFO_KEY = b'csarm_jax.jump_index'
 PAPER_EXCLUDED_BATCHES = ('CP_33_all_Phenix1', 'CP_34_mix_Phenix1', 'CP_35_all_Phenix1',
                           'CP_36_all_Phenix1')
@@ -51,22 +52,22 @@ def _file_columns() -> list[str]:
   return [f(ch, kind) for kind in IMAGE_KINDS for ch in CHANNELS for f in (path_column, key_column)]
 
 
-def _drop(table: pd.DataFrame, keep: pd.Series, report: dict[str, int], step: str) -> pd.DataFrame:
-  report[step] = int((~keep).sum())
+def _drop(table: pd.DataFrame, keep: pd.Series, report: dict[str, Any], step: str) -> pd.DataFrame:
+  report[step] = report.get(step, 0) + int((~keep).sum())
   return table[keep]
 
 
-def select_sites(sites: pd.DataFrame, metadata: Metadata, selection: Selection
-                 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-  """Applies ``selection`` to normalised load_data rows; returns (index, report of counts)."""
-  report: dict[str, Any] = {'site_rows': len(sites)}
+def _filter_plate_sites(sites: pd.DataFrame, metadata: Metadata, selection: Selection,
+                        report: dict[str, Any]) -> pd.DataFrame:
+  """The selection steps that need one plate's rows only (so plates can be filtered as read)."""
+  report['site_rows'] = report.get('site_rows', 0) + len(sites)
   sites = _drop(sites, sites['Metadata_Source'].isin(selection.sources), report, 'other_source')
   # Duplicate site rows (monorepo#45): keep the first; count those that even disagree on files.
   duplicated = sites.duplicated(subset=list(SITE_KEYS), keep='first')
   fully = sites.duplicated(subset=list(SITE_KEYS) + _file_columns(), keep='first')
-  report['conflicting_duplicate_site_rows'] = int((duplicated & ~fully).sum())
+  report['conflicting_duplicate_site_rows'] = (report.get('conflicting_duplicate_site_rows', 0)
+                                               + int((duplicated & ~fully).sum()))
   sites = _drop(sites, ~duplicated, report, 'duplicate_site_rows')
-
   sites = sites.merge(metadata.plate.drop(columns='Metadata_Batch'), how='left',
                       on=['Metadata_Source', 'Metadata_Plate'])
   sites = _drop(sites, sites['Metadata_PlateType'].notna(), report, 'plate_not_in_plate_table')
@@ -76,15 +77,18 @@ def select_sites(sites: pd.DataFrame, metadata: Metadata, selection: Selection
                 'batch_excluded')
   sites = sites.merge(metadata.well, how='left', on=['Metadata_Source', 'Metadata_Plate', 'Metadata_Well'])
   sites = _drop(sites, sites['Metadata_JCP2022'].notna(), report, 'well_not_in_well_table')
-  is_class = sites['Metadata_JCP2022'].isin(selection.classes)
-  sites = _drop(sites, is_class | (sites['Metadata_JCP2022'] == selection.control_id), report,
-                'other_compound')
+  keep = sites['Metadata_JCP2022'].isin(selection.classes + (selection.control_id,))
+  return _drop(sites, keep, report, 'other_compound')
+
+
+def _finish_index(sites: pd.DataFrame, metadata: Metadata, selection: Selection,
+                  report: dict[str, Any]) -> pd.DataFrame:
+  """The source-wide position filter, then IDs, names, labels and the row order."""
   if selection.max_rare_position_images > 0:
     position = ['Metadata_Source', 'Metadata_JCP2022', 'Metadata_Well']
     count = sites.groupby(position)['Metadata_Site'].transform('size')
     rare = sites['Metadata_JCP2022'].isin(selection.classes) & (count <= selection.max_rare_position_images)
     sites = _drop(sites, ~rare, report, 'rare_position')
-
   index = sites.copy()
   plate_id = index['Metadata_Source'] + '_' + index['Metadata_Batch'] + '_' + index['Metadata_Plate']
   index['Metadata_Plate_ID'] = plate_id
@@ -106,22 +110,33 @@ def select_sites(sites: pd.DataFrame, metadata: Metadata, selection: Selection
                                for jcp in selection.classes}
   report['control_sites'] = int(index['is_control'].sum())
   report['sites_with_illum'] = int((index[path_column(CHANNELS[0], 'Illum')] != '').sum())
-  return index, report
+  return index
+
+
+def select_sites(sites: pd.DataFrame, metadata: Metadata, selection: Selection
+                 ) -> tuple[pd.DataFrame, dict[str, Any]]:
+  """Applies ``selection`` to normalised load_data rows; returns (index, report of counts)."""
+  report: dict[str, Any] = {}
+  sites = _filter_plate_sites(sites, metadata, selection, report)
+  return _finish_index(sites, metadata, selection, report), report
 
 
 def build_index(root: str, metadata: Metadata, selection: Selection = Selection(),
                 progress: Callable[[Iterable], Iterable] = lambda x: x
                 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-  """Reads the selected sources' load_data files under the mirror ``root`` and selects sites."""
+  """Reads the selected sources' load_data files under the mirror ``root`` and selects sites.
+
+  Plates are filtered as they are read, so memory holds the selected sites, not all of cpg0016.
+  """
   files, empty = find_load_data(root, selection.sources)
   if not files:
     raise JumpDataError(f'no load_data files for {list(selection.sources)} under {root}')
   for folder in empty:
-    logging.warning('no load_data file in %s', folder)
-  sites = pd.concat([read_load_data(f, root) for f in progress(files)], ignore_index=True)
-  index, report = select_sites(sites, metadata, selection)
-  report = {'load_data_files': len(files), 'plate_folders_without_load_data': len(empty), **report}
-  return index, report
+    log.warning('no load_data file in %s', folder)
+  report: dict[str, Any] = {'load_data_files': len(files), 'plate_folders_without_load_data': len(empty)}
+  kept = [_filter_plate_sites(read_load_data(f, root), metadata, selection, report)
+          for f in progress(files)]
+  return _finish_index(pd.concat(kept, ignore_index=True), metadata, selection, report), report
 
 
 def classes_with_names(selection: Selection, metadata: Metadata) -> list[tuple[str, str]]:

@@ -52,11 +52,11 @@ def _feature_columns(table: pd.DataFrame) -> list[str]:
 def read_plate_profiles(root: str, wells: pd.DataFrame,
                         progress: Callable[[Iterable], Iterable] = lambda x: x
                         ) -> tuple[list[pd.DataFrame], dict[str, Any]]:
-  """Each selected plate's profiles (keys normalised, duplicates dropped); the report so far."""
+  """Each plate's profiles of the selected wells (keys normalised, duplicates dropped); a report."""
   report: dict[str, Any] = {'plates_without_profiles': [], 'duplicate_profile_rows': 0}
-  plates = wells[['Metadata_Source', 'Metadata_Batch', 'Metadata_Plate']].drop_duplicates()
+  plates = wells.groupby(['Metadata_Source', 'Metadata_Batch', 'Metadata_Plate'], sort=False)
   tables = []
-  for source, batch, plate in progress(list(plates.itertuples(index=False))):
+  for (source, batch, plate), plate_wells in progress(list(plates['Metadata_Well'])):
     path = profile_path(root, source, batch, plate)
     if not os.path.isfile(path):
       report['plates_without_profiles'].append(path)
@@ -68,7 +68,7 @@ def read_plate_profiles(root: str, wells: pd.DataFrame,
     table['Metadata_Well'] = normalise_well(table['Metadata_Well'])
     duplicated = table.duplicated(subset=list(WELL_KEYS))
     report['duplicate_profile_rows'] += int(duplicated.sum())
-    tables.append(table[~duplicated])
+    tables.append(table[~duplicated & table['Metadata_Well'].isin(set(plate_wells))])
   return tables, report
 
 
@@ -91,8 +91,9 @@ def build_profiles(index: pd.DataFrame, root: str, variance_groups: Sequence[str
     raise JumpDataError(f'no profiles found for the {len(wells)} wells of the index under {root} '
                         f'(expected e.g. {report["plates_without_profiles"][0]})')
   per_plate = [_feature_columns(t) for t in tables]
-  common = [c for c in per_plate[0] if all(c in set(cols) for cols in per_plate[1:])]
-  report['columns_not_in_every_plate'] = sorted(set().union(*map(set, per_plate)) - set(common))
+  everywhere = set.intersection(*map(set, per_plate))
+  common = [c for c in per_plate[0] if c in everywhere]          # in the first plate's order
+  report['columns_not_in_every_plate'] = sorted(set().union(*map(set, per_plate)) - everywhere)
   profiles = pd.concat([t[list(WELL_KEYS) + common] for t in tables], ignore_index=True)
   merged = wells.merge(profiles, how='left', on=list(WELL_KEYS), indicator=True)
   missing = merged['_merge'] == 'left_only'
