@@ -61,7 +61,8 @@ def write_mirror(root: str, plates: int, sites_per_plate: int, size: int) -> str
   plate_rows, well_rows = [], []
   for p in range(plates):
     plate, batch = f'BR{p:08d}', 'CP59'
-    folder = f'cpg0016-jump/source_3/images/{batch}/images/{plate}__2021-01-01T00_00_00-Measurement1/Images'
+    folder = (f'cpg0016-jump/source_3/images/{batch}/images/'
+              f'{plate}__2021-01-01T00_00_00-Measurement1/Images')
     os.makedirs(os.path.join(root, folder), exist_ok=True)
     rows = []
     for s in range(sites_per_plate):

@@ -88,7 +88,8 @@ def test_store_matches_the_oracle(converted, mirror):
   out, counts = converted
   store = open_store(str(out))
   assert store.item_shape == (*CROP, 5) and store.channels == list(constants.CHANNELS)
-  assert store.manifest['dtype'] == 'uint8' and store.class_ids == [c for c, _ in constants.POSITIVE_CONTROLS]
+  assert store.manifest['dtype'] == 'uint8'
+  assert store.class_ids == [c for c, _ in constants.POSITIVE_CONTROLS]
   assert len(store.table) == 19 and counts['written'] == 19 and counts['skipped'] == 5
   assert not set(store.table['Metadata_Sample_ID']) & set(SKIPPED)
   _assert_pixels(store, mirror, OPTIONS)

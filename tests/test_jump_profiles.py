@@ -32,8 +32,9 @@ def test_columns_dropped_with_reasons(built):
   assert report['wells_without_profiles'] == [
       'source_10_2021_08_03_U2OS_48_hr_run12_Dest210726-160150_A01',
       'source_10_2021_08_03_U2OS_48_hr_run12_Dest210726-160150_B01', 'source_8_J1_1053601756_D01']
-  assert report['plates_without_profiles'][0].endswith(
-      'source_10/workspace/profiles/2021_08_03_U2OS_48_hr_run12/Dest210726-160150/Dest210726-160150.parquet')
+  assert report['plates_without_profiles'][0].endswith('source_10/workspace/profiles/'
+                                                       '2021_08_03_U2OS_48_hr_run12/Dest210726-160150/'
+                                                       'Dest210726-160150.parquet')
   assert profiles_lib.report_line(report).startswith('profiles: 9 wells x 2 features; dropped')
 
 
@@ -46,7 +47,8 @@ def test_rows_are_the_index_wells_with_their_values(built):
     np.testing.assert_array_equal(features[row], expected[0])
     sites = index[(index['Metadata_Plate'] == well['Metadata_Plate'])
                   & (index['Metadata_Well'] == well['Metadata_Well'])]
-    assert {well['label']} == set(sites['label']) and well['is_control'] == (well['Metadata_JCP2022'] == DMSO)
+    assert {well['label']} == set(sites['label'])
+    assert well['is_control'] == (well['Metadata_JCP2022'] == DMSO)
 
 
 def test_feature_store_round_trip(built, tmp_path):

@@ -75,7 +75,8 @@ def _filter_plate_sites(sites: pd.DataFrame, metadata: Metadata, selection: Sele
                 'plate_type_not_selected')
   sites = _drop(sites, ~sites['Metadata_Batch'].isin(selection.exclude_batches), report,
                 'batch_excluded')
-  sites = sites.merge(metadata.well, how='left', on=['Metadata_Source', 'Metadata_Plate', 'Metadata_Well'])
+  sites = sites.merge(metadata.well, how='left',
+                      on=['Metadata_Source', 'Metadata_Plate', 'Metadata_Well'])
   sites = _drop(sites, sites['Metadata_JCP2022'].notna(), report, 'well_not_in_well_table')
   keep = sites['Metadata_JCP2022'].isin(selection.classes + (selection.control_id,))
   return _drop(sites, keep, report, 'other_compound')
@@ -87,7 +88,8 @@ def _finish_index(sites: pd.DataFrame, metadata: Metadata, selection: Selection,
   if selection.max_rare_position_images > 0:
     position = ['Metadata_Source', 'Metadata_JCP2022', 'Metadata_Well']
     count = sites.groupby(position)['Metadata_Site'].transform('size')
-    rare = sites['Metadata_JCP2022'].isin(selection.classes) & (count <= selection.max_rare_position_images)
+    rare = (sites['Metadata_JCP2022'].isin(selection.classes)
+            & (count <= selection.max_rare_position_images))
     sites = _drop(sites, ~rare, report, 'rare_position')
   index = sites.copy()
   plate_id = index['Metadata_Source'] + '_' + index['Metadata_Batch'] + '_' + index['Metadata_Plate']

@@ -2,8 +2,8 @@
 
 A mirror is a local copy of (part of) the Cell Painting Gallery bucket: ``s3://cellpainting-gallery/KEY``
 lives at ``ROOT/KEY``. Per plate, cpg0016 has
-``ROOT/cpg0016-jump/<source>/workspace/load_data_csv/<batch>/<plate>/load_data[_with_illum].{csv,csv.gz,parquet}``
-with one row per site and, per channel, either ``URL_Orig<Ch>`` or ``PathName_Orig<Ch>`` +
+``ROOT/cpg0016-jump/<source>/workspace/load_data_csv/<batch>/<plate>/load_data[_with_illum].<ext>``
+(``ext`` csv, csv.gz or parquet) with one row per site and, per channel, either ``URL_Orig<Ch>`` or ``PathName_Orig<Ch>`` +
 ``FileName_Orig<Ch>`` (and ``*_Illum<Ch>`` for the illumination functions). Channels are picked by
 name, never by the microscope's channel number in the file name.
 

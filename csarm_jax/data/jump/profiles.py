@@ -11,7 +11,6 @@ that overflow float32 are dropped, each listed in the report. One store row per 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any, Callable, Iterable, Sequence
 
@@ -22,7 +21,6 @@ from csarm_jax.data import store as store_lib
 from csarm_jax.data.jump.load_data import DATASET
 from csarm_jax.data.jump.tables import JumpDataError, normalise_well, read_table
 
-log = logging.getLogger(__name__)
 
 WELL_KEYS = ('Metadata_Source', 'Metadata_Plate', 'Metadata_Well')
 REPORT_KEY = 'profiles_report.json'
@@ -141,7 +139,8 @@ def write_feature_store(out: str, table: pd.DataFrame, features: np.ndarray, nam
     array = store_lib.create_array(out, len(table), (features.shape[1],), 'float32',
                                    shard_items=shard_items, delete_existing=overwrite)
   except ValueError as e:
-    raise JumpDataError(f'cannot create the store at {out} (pass --overwrite to replace one): {e}') from None
+    raise JumpDataError(f'cannot create the store at {out} (pass --overwrite to replace one): '
+                        f'{e}') from None
   for start in range(0, len(table), shard_items):
     stop = min(start + shard_items, len(table))
     array[start:stop].write(features[start:stop]).result()
