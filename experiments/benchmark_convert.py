@@ -6,8 +6,9 @@ Writes a temporary mirror (5 TIFFs of ~2.3 MB per site), indexes it, then conver
 count into a fresh store (uint8, x0.5, 99.99 % clip, crop = 540). Prints JSON: host, shapes, the time
 of one site in-process (TIFF reads vs image math), and per worker count the wall time of the whole
 conversion with sites/s overall and per worker, with and without the worker start-up (spawned
-processes import csarm_jax, hence jax: measured separately). The TIFFs are in the page cache when
-read, so the figures exclude disk/network reads.
+processes import csarm_jax, hence jax: measured separately), and the CPU seconds per site (user +
+system, workers included), which a shared host's load does not inflate. The TIFFs are in the page
+cache when read, so the figures exclude disk/network reads.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -113,6 +115,12 @@ def worker_startup_seconds(workers: int) -> float:
   return time.perf_counter() - start
 
 
+def _cpu_seconds() -> float:
+  """User + system CPU seconds of this process and its finished children."""
+  usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+  return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
 def _cpu_model() -> str:
   try:
     with open('/proc/cpuinfo') as f:
@@ -148,9 +156,11 @@ def main(argv):
     for workers in map(int, FLAGS.workers):
       out = os.path.join(tmp, f'store_{workers}')
       options = jump.ConvertOptions(shard_items=FLAGS.shard_items)
+      cpu_before = _cpu_seconds()
       start = time.perf_counter()
       convert_lib.convert_sites(index_path, out, options, workers=workers, progress=False)
       wall = time.perf_counter() - start
+      cpu = _cpu_seconds() - cpu_before        # workers are counted once they have exited
       startup = worker_startup_seconds(workers) if workers > 1 else 0.0
       steady = len(index) / max(wall - startup, 1e-9)
       results['runs'].append({'workers': workers, 'wall_s': round(wall, 2),
@@ -159,6 +169,7 @@ def main(argv):
                               'worker_startup_s': round(startup, 2),
                               'sites_per_s_excluding_startup': round(steady, 2),
                               'sites_per_s_per_worker_excluding_startup': round(steady / workers, 2),
+                              'cpu_s_per_site': round(cpu / len(index), 4),
                               'store_bytes': sum(os.path.getsize(os.path.join(d, f))
                                                  for d, _, fs in os.walk(out) for f in fs)})
     print(json.dumps(results, indent=1))
