@@ -43,19 +43,19 @@ class StoreError(ValueError):
   """A store whose array, table or manifest is missing, malformed or inconsistent."""
 
 
-def _url(path: str) -> str:
+def url(path: str) -> str:
   """A kvstore URL with a trailing slash for a local path or URL."""
   if '://' not in path:
     path = 'file://' + os.path.abspath(os.path.expanduser(path))
   return path.rstrip('/') + '/'
 
 
-def _kvstore(path: str) -> ts.KvStore:
-  return ts.KvStore.open(_url(path)).result()
+def kvstore(path: str) -> ts.KvStore:
+  return ts.KvStore.open(url(path)).result()
 
 
 def _array_spec(path: str) -> dict[str, Any]:
-  return {'driver': 'zarr3', 'kvstore': _url(path) + ARRAY_NAME + '/',
+  return {'driver': 'zarr3', 'kvstore': url(path) + ARRAY_NAME + '/',
           # No chunk cache: reads go straight to the caller, resident memory stays flat.
           'context': {'cache_pool': {'total_bytes_limit': 0}}}
 
@@ -94,7 +94,7 @@ def open_array(path: str, write: bool = False) -> ts.TensorStore:
   try:
     return ts.open(_array_spec(path), open=True, read=True, write=write).result()
   except Exception as e:  # tensorstore raises ValueError subclasses with long messages
-    raise StoreError(f'cannot open image array {_url(path) + ARRAY_NAME}: {e}') from None
+    raise StoreError(f'cannot open image array {url(path) + ARRAY_NAME}: {e}') from None
 
 
 def shard_items_of(array: ts.TensorStore) -> int:
@@ -103,30 +103,30 @@ def shard_items_of(array: ts.TensorStore) -> int:
 
 
 def read_manifest(path: str) -> dict[str, Any]:
-  raw = _kvstore(path).read(MANIFEST_NAME).result()
+  raw = kvstore(path).read(MANIFEST_NAME).result()
   if raw.state != 'value':
-    raise StoreError(f'{_url(path) + MANIFEST_NAME} is missing (an incomplete or foreign store)')
+    raise StoreError(f'{url(path) + MANIFEST_NAME} is missing (an incomplete or foreign store)')
   try:
     return json.loads(bytes(raw.value))
   except json.JSONDecodeError as e:
-    raise StoreError(f'{_url(path) + MANIFEST_NAME} is not valid JSON: {e}') from None
+    raise StoreError(f'{url(path) + MANIFEST_NAME} is not valid JSON: {e}') from None
 
 
 def read_table(path: str) -> pd.DataFrame:
-  raw = _kvstore(path).read(TABLE_NAME).result()
+  raw = kvstore(path).read(TABLE_NAME).result()
   if raw.state != 'value':
-    raise StoreError(f'{_url(path) + TABLE_NAME} is missing')
+    raise StoreError(f'{url(path) + TABLE_NAME} is missing')
   try:
     return pd.read_parquet(io.BytesIO(bytes(raw.value)))
   except Exception as e:
-    raise StoreError(f'{_url(path) + TABLE_NAME} is not a readable Parquet file: {e}') from None
+    raise StoreError(f'{url(path) + TABLE_NAME} is not a readable Parquet file: {e}') from None
 
 
 def write_metadata(path: str, table: pd.DataFrame, manifest: dict[str, Any]) -> None:
   """Validates, then writes the table and (last, marking the store complete) the manifest."""
   array = open_array(path)
-  validate(table, manifest, tuple(array.shape), str(array.dtype.numpy_dtype), where=_url(path))
-  kv = _kvstore(path)
+  validate(table, manifest, tuple(array.shape), str(array.dtype.numpy_dtype), where=url(path))
+  kv = kvstore(path)
   buf = io.BytesIO()
   table.to_parquet(buf, index=False)
   kv.write(TABLE_NAME, buf.getvalue()).result()
@@ -252,5 +252,5 @@ def open_store(path: str) -> ImageStore:
   manifest = read_manifest(path)
   array = open_array(path)
   table = read_table(path)
-  validate(table, manifest, tuple(array.shape), str(array.dtype.numpy_dtype), where=_url(path))
+  validate(table, manifest, tuple(array.shape), str(array.dtype.numpy_dtype), where=url(path))
   return ImageStore(path=path, manifest=manifest, table=table, array=array)

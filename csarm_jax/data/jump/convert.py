@@ -179,7 +179,7 @@ def convert_shard(job: ShardJob) -> dict[str, Any]:
   array = store_lib.open_array(job.out, write=True)
   array[job.first_row:job.first_row + len(job.sites)].write(images).result()
   entry = {'shard': job.shard, 'sites': written, 'issues': issues}
-  store_lib._kvstore(job.out).write(_ledger_key(job.shard),
+  store_lib.kvstore(job.out).write(_ledger_key(job.shard),
                                     json.dumps(entry, sort_keys=True).encode()).result()
   return entry
 
@@ -333,7 +333,7 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
   index, info = read_index(index_path)
   if index.empty:
     raise ConvertError(f'{index_path} selects no sites')
-  kv = store_lib._kvstore(out)
+  kv = store_lib.kvstore(out)
   request = {'index_sha256': file_sha256(index_path), 'options': dataclasses.asdict(options)}
   if overwrite:
     _clear(kv)
@@ -353,7 +353,7 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
     raise ConvertError(f'{out} was started from another index or with other options '
                        f"({run['request']}); pass overwrite (--overwrite) or another output")
 
-  report = f'{store_lib._url(out)}{QC_KEY}'
+  report = f'{store_lib.url(out)}{QC_KEY}'
   if _exists(kv, store_lib.MANIFEST_NAME):
     counts = qc_counts(len(index), _ledger(kv).values())
     log.info('%s is complete; nothing to do. %s', out, qc_line(counts, report))

@@ -144,7 +144,7 @@ def write_feature_store(out: str, table: pd.DataFrame, features: np.ndarray, nam
   for start in range(0, len(table), shard_items):
     stop = min(start + shard_items, len(table))
     array[start:stop].write(features[start:stop]).result()
-  store_lib._kvstore(out).write(REPORT_KEY, json.dumps(report, indent=1).encode()).result()
+  store_lib.kvstore(out).write(REPORT_KEY, json.dumps(report, indent=1).encode()).result()
   manifest = store_lib.make_manifest(names, 'float32', (features.shape[1],), len(table),
                                      [tuple(c) for c in info['classes']], info['control_id'],
                                      created_by)
