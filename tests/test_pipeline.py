@@ -59,6 +59,21 @@ def test_random_crop_flip_and_center_crop_against_slicing():
     augment.center_crop(images, 21)
 
 
+@pytest.mark.parametrize('compression', ['zstd', 'lz4', 'none'])
+def test_store_windows_equal_numpy_windows(tmp_path, compression):
+  _, items = write_store(tmp_path, compression=compression)
+  store = data.open_store(str(tmp_path))
+  rows = np.array([5, 0, 5, 33, 79])
+  for rng in (np.random.default_rng(3), None):
+    windows = augment.crop_windows(len(rows), 20, 20, CROP, rng)
+    np.testing.assert_array_equal(data.read_windows(store, rows, windows),
+                                  augment.apply_windows(items[rows], windows))
+  flipped = augment.Windows(np.array([1, 2]), np.array([3, 0]), np.array([True, False]),
+                            np.array([True, True]), CROP)
+  np.testing.assert_array_equal(data.read_windows(store, rows[:2], flipped)[0],
+                                items[5, 1:17, 3:19][::-1, ::-1])
+
+
 def _check_batch(batch, store, items, c, m, train):
   assert batch['images'].shape == (c, m, CROP, CROP, 5) and batch['images'].dtype == np.uint8
   assert batch['labels'].shape == (c, m) and batch['labels'].dtype == np.int32

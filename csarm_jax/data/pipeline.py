@@ -23,6 +23,10 @@ Every context is a pure function of (seed, global context index): training conte
 threads finish in does not matter, an iterator state is just the next batch number, and with
 ``process_count`` P each process builds contexts p*C/P ... (p+1)*C/P - 1 of every global batch: the
 union over processes is the single-process batch, and a state restores under any P.
+
+Each grain element is one process-local batch, read in one tensorstore call that copies out only the
+crops (``read_windows``); grain's threads (``num_threads``) prepare several batches at once and keep
+``prefetch_buffer_size`` finished ones ready. Resident memory is about (threads + buffer) batches.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
+import tensorstore as ts
 from absl import logging
 
 from csarm_jax.data import augment
@@ -40,30 +45,49 @@ from csarm_jax.data.contexts import Context, PlateIndex
 
 Batch = dict[str, np.ndarray]
 MODES = ('plate', 'mixed')
-_ENDLESS = 2 ** 60            # the global contexts of an "infinite" iterator
+_ENDLESS = 2 ** 60            # the batches of an "endless" iterator
 
 
-def read_context(store, context: Context, crop_size: int | None,
-                 rng: np.random.Generator | None = None, flips: bool = True) -> Batch:
-  """Reads a context's rows in one ``store.read`` and crops them: the one preprocessing path.
+def read_windows(store, rows: np.ndarray, windows: augment.Windows) -> np.ndarray:
+  """Crops of the images at ``rows`` in one tensorstore read: each a view of the array (window,
+  flips), stacked, so tensorstore fetches them concurrently and copies out only the crops."""
+  s = windows.size
+  if len(rows) == 0:
+    return np.zeros((0, s, s, store.item_shape[-1]), store.manifest['dtype'])
+  layers = [store.array[int(r), int(y):int(y) + s, int(x):int(x) + s][
+                ::-1 if fh else 1, ::-1 if fw else 1].translate_to[0, 0, 0]
+            for r, y, x, fh, fw in zip(rows, windows.ys, windows.xs, windows.flip_h,
+                                       windows.flip_w)]
+  return ts.stack(layers).read().result()
 
-  ``rng`` given: random crops (and flips), for training; None: centre crops, for evaluation and
-  prediction. Feature stores are passed through uncropped. Padding rows are zeros.
+
+def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
+                  rngs: Sequence[np.random.Generator] | None = None, flips: bool = True) -> Batch:
+  """Stacks equal-size contexts into a batch, reading all their crops in one store read: the one
+  preprocessing path of training, evaluation and prediction.
+
+  ``rngs`` (one per context) given: random crops (and flips), for training; None: centre crops.
+  Feature stores are read whole. Padding rows are zeros.
   """
-  real = context.num_real
-  items = store.read(context.rows[:real])
+  rows = np.stack([c.rows for c in contexts])
+  real = rows >= 0
   if store.kind == 'images':
-    size = crop_size or min(store.item_shape[:2])
-    images = np.zeros((len(context.rows), size, size, store.item_shape[-1]), items.dtype)
-    if rng is None:
-      augment.center_crop(items, size, out=images[:real])
-    else:
-      augment.random_crop_flip(items, size, rng, flips, out=images[:real])
+    height, width = store.item_shape[:2]
+    windows = augment.concatenate([
+        augment.crop_windows(c.num_real, height, width, crop_size,
+                              None if rngs is None else rngs[i], flips)
+        for i, c in enumerate(contexts)])
+    items = read_windows(store, rows[real], windows)
   else:
-    images = np.zeros((len(context.rows), *store.item_shape), items.dtype)
-    images[:real] = items
-  return {'images': images, 'labels': context.labels, 'mask': context.mask,
-          'is_control': context.is_control, 'plate': np.int32(context.plate), 'rows': context.rows}
+    items = store.read(rows[real])
+  if real.all():
+    images = items.reshape(*rows.shape, *items.shape[1:])
+  else:
+    images = np.zeros((*rows.shape, *items.shape[1:]), items.dtype)
+    images[real] = items
+  return {'images': images, 'labels': np.stack([c.labels for c in contexts]),
+          'mask': real.astype(np.float32), 'is_control': np.stack([c.is_control for c in contexts]),
+          'plate': np.array([c.plate for c in contexts], np.int32), 'rows': rows}
 
 
 class Batches:
@@ -117,27 +141,27 @@ def _check_sharding(contexts_per_batch: int, process_index: int, process_count: 
                      f'{process_count}, and process_index {process_index} in [0, {process_count})')
 
 
-def _local_batches(element: Callable[[int], Batch], start: int, stop: int, contexts_per_batch: int,
-                   process_index: int, process_count: int, num_threads: int,
-                   prefetch_buffer_size: int | None) -> grain.IterDataset:
-  """This process's share of global batches [start, stop): element(global context index)."""
+def _local_batches(contexts_of: Callable[[list[int]], Batch], start: int, stop: int,
+                   contexts_per_batch: int, process_index: int, process_count: int,
+                   num_threads: int, prefetch_buffer_size: int) -> grain.IterDataset:
+  """This process's share of global batches [start, stop): contexts_of(global context indices)."""
   local = contexts_per_batch // process_count
 
-  def global_element(j: int) -> Batch:
-    step, slot = divmod(int(j), local)
-    return element(step * contexts_per_batch + process_index * local + slot)
+  def local_batch(step: int) -> Batch:
+    first = int(step) * contexts_per_batch + process_index * local
+    return contexts_of(list(range(first, first + local)))
 
-  options = grain.ReadOptions(num_threads=num_threads,
-                              prefetch_buffer_size=prefetch_buffer_size or max(2 * local, num_threads))
-  return (grain.MapDataset.range(start * local, stop * local).map(global_element)
-          .to_iter_dataset(options).batch(local))
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+  return grain.MapDataset.range(start, stop).map(local_batch).to_iter_dataset(options)
 
 
-def _log_report(what: str, index: PlateIndex, too_few: dict[str, dict], too_few_mode: str,
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _log_report(what: str, index: PlateIndex, too_few: dict[str, dict] | None = None,
+                too_few_mode: str = 'replace', **extra) -> dict[str, Any]:
+  """Logs (warning) and returns what was skipped and which plates have too few images."""
+  too_few = too_few or {}
   report = {'plates': len(index.plates), 'skipped_plates': index.skipped_plates,
             'skipped_rows': index.skipped_rows, 'too_few': too_few, 'too_few_mode': too_few_mode,
-            **(extra or {})}
+            **extra}
   if index.skipped_plates:
     logging.warning('%s: skipped %d plates: %s', what, len(index.skipped_plates), index.skipped_plates)
   if index.skipped_rows:
@@ -155,7 +179,7 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                      crop_size: int | None = 256, flips: bool = True, mode: str = 'plate',
                      too_few: str = 'replace', seed: int = 0, num_batches: int | None = None,
                      process_index: int = 0, process_count: int = 1, skip_bad: bool = False,
-                     num_threads: int = 8, prefetch_buffer_size: int | None = None) -> Batches:
+                     num_threads: int = 2, prefetch_buffer_size: int = 2) -> Batches:
   """Endless (or ``num_batches``) training batches of C = ``contexts_per_batch`` contexts.
 
   mode 'plate': each context is one uniformly drawn plate's N perturbed + K controls (K = 0:
@@ -179,17 +203,17 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
     too_few_plates = {'(all plates)': {'perturbed': total}} if total < num_perturbed else {}
     sample = lambda rng: ctx_lib.mixed_context(index, rng, num_perturbed, too_few)
   report = _log_report('training', index, too_few_plates, too_few,
-                       {'num_perturbed_images': int(sum(len(r) for r in index.perturbed))})
+                       num_perturbed_images=int(sum(len(r) for r in index.perturbed)))
 
-  def element(g: int) -> Batch:
-    rng = np.random.default_rng([seed, g])
-    return read_context(store, sample(rng), crop_size, rng, flips)
+  def contexts_of(indices: list[int]) -> Batch:
+    rngs = [np.random.default_rng([seed, g]) for g in indices]
+    return read_contexts(store, [sample(rng) for rng in rngs], crop_size, rngs, flips)
 
   settings = dict(what='training', mode=mode, N=num_perturbed, K=num_controls,
                   C=contexts_per_batch, crop=crop_size, flips=flips, too_few=too_few, seed=seed,
                   plates=list(index.plates))
-  stop = num_batches if num_batches is not None else _ENDLESS // contexts_per_batch
-  build = lambda start: _local_batches(element, start, stop, contexts_per_batch, process_index,
+  stop = num_batches if num_batches is not None else _ENDLESS
+  build = lambda start: _local_batches(contexts_of, start, stop, contexts_per_batch, process_index,
                                        process_count, num_threads, prefetch_buffer_size)
   return Batches(build, num_batches, _fingerprint(settings), index.plates, report)
 
@@ -200,8 +224,8 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                        chunking: str = 'consecutive', label_shift_alpha: float | None = None,
                        contexts_per_plate: int | None = None, too_few: str = 'replace',
                        require_labels: bool = True, process_index: int = 0,
-                       process_count: int = 1, skip_bad: bool = False, num_threads: int = 8,
-                       prefetch_buffer_size: int | None = None) -> Batches:
+                       process_count: int = 1, skip_bad: bool = False, num_threads: int = 2,
+                       prefetch_buffer_size: int = 2) -> Batches:
   """Evaluation batches over ``plates``: centre crops, the last batch padded with fully-masked
   contexts. Default: ``contexts.evaluation_contexts`` (every perturbed image exactly once);
   ``label_shift_alpha`` given: ``contexts.label_shift_contexts``. ``require_labels=False`` admits
@@ -216,17 +240,17 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   else:
     contexts = ctx_lib.label_shift_contexts(index, num_perturbed, num_controls, label_shift_alpha,
                                             seed, len(store.class_ids), contexts_per_plate, too_few)
+  report = _log_report('evaluation', index, ctx_lib.too_few_report(index, 0, num_controls), too_few,
+                       num_contexts=len(contexts))
   num_batches = -(-len(contexts) // contexts_per_batch)
   contexts += [ctx_lib.padding_context(num_perturbed + num_controls)] * (
       num_batches * contexts_per_batch - len(contexts))
-  report = _log_report('evaluation', index, ctx_lib.too_few_report(index, 0, num_controls), too_few,
-                       {'num_contexts': len(contexts)})
   settings = dict(what='evaluation', N=num_perturbed, K=num_controls, C=contexts_per_batch,
                   crop=crop_size, seed=seed, chunking=chunking, alpha=label_shift_alpha,
                   contexts_per_plate=contexts_per_plate, too_few=too_few,
                   plates=list(index.plates))
-  element = lambda g: read_context(store, contexts[g], crop_size)
-  build = lambda start: _local_batches(element, start, num_batches, contexts_per_batch,
+  contexts_of = lambda indices: read_contexts(store, [contexts[g] for g in indices], crop_size)
+  build = lambda start: _local_batches(contexts_of, start, num_batches, contexts_per_batch,
                                        process_index, process_count, num_threads,
                                        prefetch_buffer_size)
   return Batches(build, num_batches, _fingerprint(settings), index.plates, report)
@@ -240,7 +264,7 @@ def whole_plates(store, plates: Sequence[str], *, require_controls: bool = True,
   index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids),
                                require_controls=require_controls, require_labels=require_labels,
                                skip_bad=skip_bad, part='evaluation')
-  _log_report('whole-plate evaluation', index, {}, 'none')
+  _log_report('whole-plate evaluation', index)
   return index.plates, ctx_lib.whole_plate_contexts(index)
 
 
@@ -254,5 +278,6 @@ def context_chunks(store, context: Context, chunk_size: int = 256,
     pad = ctx_lib.padding_context(chunk_size)
     pad.rows[:n], pad.labels[:n] = rows, context.labels[start:start + n]
     pad.is_control[:n] = context.is_control[start:start + n]
-    yield read_context(store, Context(context.plate, pad.rows, pad.labels, pad.is_control),
-                       crop_size)
+    batch = read_contexts(store, [Context(context.plate, pad.rows, pad.labels, pad.is_control)],
+                          crop_size)
+    yield {k: v[0] for k, v in batch.items()}
