@@ -134,6 +134,7 @@ def _assert_same(a, b):
 def test_deterministic_and_resumes_exactly(written):
   store, _, fold = written
   first = _take(data.training_batches(store, fold.train, seed=5, **KW), 5)
+  assert (first[0]['rows'] != first[1]['rows']).any()              # batches are fresh draws
   _assert_same(first, _take(data.training_batches(store, fold.train, seed=5, **KW), 5))
   other = next(data.training_batches(store, fold.train, seed=6, **KW))
   assert (other['rows'] != first[0]['rows']).any()
