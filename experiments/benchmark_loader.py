@@ -157,6 +157,7 @@ def _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_
           'images_per_s': round(images / wall, 1),
           'images_per_cpu_s': round(images / cpu, 1), 'cpu_utilisation': round(cpu / wall, 2),
           'rss_before_mib': round(rss_before, 1), 'rss_peak_mib': round(rss.peak, 1),
+          'rss_serving_increment_mib': round(rss.peak - rss_before, 1),
           'rss_after_mib': round(_rss_mb(), 1)}
 
 
