@@ -2,7 +2,7 @@
 
     windows = crop_windows(m, 540, 540, 256, rng)    # training: random 256 crops, random h/v flips
     windows = crop_windows(m, 540, 540, 256)         # evaluation and prediction: centre crops
-    crops   = apply_windows(images, windows)          # in-memory images: slicing views, one copy
+    crops   = apply_windows(images, windows)          # in-memory images: slicing, one copy
 
 The pipeline applies the same windows inside the store read (``pipeline.read_windows``), so only
 the crops are ever copied out. Scaling to float and normalising happen on the accelerator
@@ -49,16 +49,13 @@ def concatenate(windows: list[Windows]) -> Windows:
                    for f in ('ys', 'xs', 'flip_h', 'flip_w')), windows[0].size)
 
 
-def apply_windows(images: np.ndarray, windows: Windows, out: np.ndarray | None = None) -> np.ndarray:
-  """Crops (and flips) ``images`` (M, H, W, C) into ``out`` (M, size, size, C)."""
+def apply_windows(images: np.ndarray, windows: Windows) -> np.ndarray:
+  """Crops (and flips) in-memory ``images`` (M, H, W, C) into a new (M, size, size, C) array."""
   if images.ndim != 4 or len(windows.ys) != len(images):
     raise ValueError(f'images must be (M, H, W, C) with one window each, got shape {images.shape} '
                      f'for {len(windows.ys)} windows')
   s = windows.size
-  shape = (len(images), s, s, images.shape[-1])
-  out = np.empty(shape, images.dtype) if out is None else out
-  if out.shape != shape:
-    raise ValueError(f'out has shape {out.shape}, expected {shape}')
+  out = np.empty((len(images), s, s, images.shape[-1]), images.dtype)
   for i, (y, x, fh, fw) in enumerate(zip(windows.ys, windows.xs, windows.flip_h, windows.flip_w)):
     out[i] = images[i, y:y + s, x:x + s][::-1 if fh else 1, ::-1 if fw else 1]
   return out

@@ -67,7 +67,8 @@ def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
   preprocessing path of training, evaluation and prediction.
 
   ``rngs`` (one per context) given: random crops (and flips), for training; None: centre crops.
-  Feature stores are read whole. Padding rows are zeros.
+  ``crop_size=None``: the largest square (the whole image if square). Feature stores are read
+  whole. Padding rows are zeros.
   """
   rows = np.stack([c.rows for c in contexts])
   real = rows >= 0
