@@ -63,7 +63,9 @@ def normalize(x, stats: NormStats) -> jnp.ndarray:
 
 def _integer_moments(store, rows: np.ndarray, chunk_size: int) -> tuple[int, list[int], list[int]]:
   """Exact pixel count and per-channel sums of x and x^2 (Python integers)."""
-  channels = store.item_shape[-1]
+  height, width, channels = store.item_shape
+  top = int(np.iinfo(store.manifest['dtype']).max)
+  chunk_size = max(1, min(chunk_size, 2 ** 62 // (height * width * top * top)))  # no int64 overflow
   count, s1, s2 = 0, [0] * channels, [0] * channels
   for start in range(0, len(rows), chunk_size):
     x = store.read(rows[start:start + chunk_size])
