@@ -9,7 +9,7 @@ from csarm_jax import data
 
 def write_store(path, sources=('source_1', 'source_2'), batches_per_source=2, plates_per_batch=2,
                 perturbed_per_plate=12, controls_per_plate=8, item_shape=(20, 20, 5), dtype='uint8',
-                shard_items=16, seed=0):
+                shard_items=16, seed=0, compression='zstd'):
   """Writes a store with every plate holding `perturbed_per_plate` labelled images (classes in
   turn) and `controls_per_plate` DMSO images; returns the table and the images in row order."""
   rng = np.random.default_rng(seed)
@@ -32,7 +32,8 @@ def write_store(path, sources=('source_1', 'source_2'), batches_per_source=2, pl
     items = rng.normal(size=(len(table), *item_shape)).astype(np.float32)
   else:
     items = rng.integers(0, np.iinfo(dtype).max, size=(len(table), *item_shape), dtype=dtype)
-  array = data.create_array(str(path), len(table), item_shape, dtype, shard_items=shard_items)
+  array = data.create_array(str(path), len(table), item_shape, dtype, shard_items=shard_items,
+                            compression=compression)
   for start in range(0, len(table), shard_items):
     array[start:start + shard_items].write(items[start:start + shard_items]).result()
   channels = data.CHANNELS if len(item_shape) == 3 else [f'f{i}' for i in range(item_shape[0])]

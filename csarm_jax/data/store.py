@@ -4,7 +4,9 @@ A store is a directory (local path or any tensorstore kvstore URL: ``file://``, 
 holding three things:
 
 * ``data.zarr`` -- one zarr3 array, sharded along its first axis (``shard_items`` items per file)
-  with one item per inner chunk, blosc-zstd compressed, so one item is one read. ``kind='images'``:
+  with one item per inner chunk, blosc-zstd compressed by default, so one item is one read
+  (``create_array(compression=...)``: 'lz4' decodes faster, 'none' lets a crop read only its own
+  bytes -- see BENCHMARKS.md). ``kind='images'``:
   (N, H, W, C) uint8 or uint16; ``kind='features'``: (N, D) float32 (e.g. CellProfiler profiles).
 * ``metadata.parquet`` -- one row per item, JUMP column names, every ID a string (see ``COLUMNS``);
   ``row`` indexes the array, ``label`` is the class id (-1: unlabelled, e.g. a control) and
@@ -37,6 +39,13 @@ COLUMNS = ID_COLUMNS + ('is_control', 'label', 'row')
 MANIFEST_KEYS = ('format_version', 'kind', 'channels', 'dtype', 'item_shape', 'num_items', 'classes',
                  'control_id', 'created_by', 'num_unused_rows')
 DTYPES = {'images': ('uint8', 'uint16'), 'features': ('float32',)}
+COMPRESSIONS = {
+    'zstd': [{'name': 'blosc', 'configuration': {'cname': 'zstd', 'clevel': 3,
+                                                 'shuffle': 'bitshuffle'}}],
+    'lz4': [{'name': 'blosc', 'configuration': {'cname': 'lz4', 'clevel': 5,
+                                                'shuffle': 'bitshuffle'}}],
+    'none': [],
+}
 
 
 class StoreError(ValueError):
@@ -65,15 +74,20 @@ def _kind_of(item_shape: Sequence[int]) -> str:
 
 
 def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: str,
-                 shard_items: int = 64, delete_existing: bool = False) -> ts.TensorStore:
+                 shard_items: int = 64, delete_existing: bool = False,
+                 compression: str = 'zstd') -> ts.TensorStore:
   """Creates the (N, *item_shape) array: item_shape (H, W, C) for images, (D,) for features.
 
   Write whole shards (``shard_items`` rows, see ``shard_items_of``) from one writer at a time.
+  ``compression``: 'zstd' (blosc zstd-3 + bitshuffle: smallest), 'lz4' (blosc lz4 + bitshuffle:
+  faster to decode) or 'none' (fastest crops, largest). Readers need not know which.
   """
   kind = _kind_of(item_shape)
   if kind == 'invalid' or dtype not in DTYPES[kind]:
     raise StoreError(f'item_shape {tuple(item_shape)} / dtype {dtype!r}: expected (H, W, C) with '
                      f"{DTYPES['images']} or (D,) with {DTYPES['features']}")
+  if compression not in COMPRESSIONS:
+    raise StoreError(f'compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}')
   item = [int(s) for s in item_shape]
   spec = _array_spec(path)
   spec['metadata'] = {
@@ -82,8 +96,7 @@ def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: st
       'codecs': [{'name': 'sharding_indexed', 'configuration': {
           'chunk_shape': [1] + item,
           'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
-                     {'name': 'blosc', 'configuration': {'cname': 'zstd', 'clevel': 3,
-                                                         'shuffle': 'bitshuffle'}}],
+                     *COMPRESSIONS[compression]],
           'index_codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
                            {'name': 'crc32c'}]}}],
   }

@@ -1,0 +1,284 @@
+"""The grain input pipeline: fixed-shape batches of contexts, deterministic and resumable.
+
+    train = training_batches(store, fold.train, num_perturbed=64, num_controls=128,
+                             contexts_per_batch=8, crop_size=256, seed=0)
+    batch = next(train)                  # dict of numpy arrays, leading context axis C
+    state = train.get_state()            # JSON-serialisable; train.set_state(state) resumes exactly
+    for batch in evaluation_batches(store, fold.test, num_perturbed=64, num_controls=128): ...
+
+Batch contract (M = N + K rows per context; real rows first -- perturbed, then controls -- then
+padding):
+
+    images      (C, M, h, w, ch) uint8/uint16 crops   or (C, M, D) float32 for feature stores
+    labels      (C, M) int32    class id of labelled rows; -1 for controls, unlabelled rows, padding
+    mask        (C, M) float32  1 for real rows (perturbed and controls), 0 for padding
+    is_control  (C, M) bool
+    plate       (C,)   int32    index into ``Batches.plates``; -1 for mixed contexts and padding
+    rows        (C, M) int64    store rows; -1 for padding
+
+Images stay integers: normalise on the accelerator with ``normalization.normalize``.
+
+Every context is a pure function of (seed, global context index): training contexts draw from
+``np.random.default_rng([seed, index])``, evaluation contexts are fixed up front. So the order grain's
+threads finish in does not matter, an iterator state is just the next batch number, and with
+``process_count`` P each process builds contexts p*C/P ... (p+1)*C/P - 1 of every global batch: the
+union over processes is the single-process batch, and a state restores under any P.
+
+Each grain element is one process-local batch, read in one tensorstore call that copies out only the
+crops (``read_windows``); grain's threads (``num_threads``) prepare several batches at once and keep
+``prefetch_buffer_size`` finished ones ready. Resident memory is about (threads + buffer) batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+import tensorstore as ts
+from absl import logging
+
+from csarm_jax.data import augment
+from csarm_jax.data import contexts as ctx_lib
+from csarm_jax.data.contexts import Context, PlateIndex
+
+Batch = dict[str, np.ndarray]
+MODES = ('plate', 'mixed')
+_ENDLESS = 2 ** 60            # the batches of an "endless" iterator
+
+
+def read_windows(store, rows: np.ndarray, windows: augment.Windows) -> np.ndarray:
+  """Crops of the images at ``rows`` in one tensorstore read: each a view of the array (window,
+  flips), stacked, so tensorstore fetches them concurrently and copies out only the crops."""
+  s = windows.size
+  if len(rows) == 0:
+    return np.zeros((0, s, s, store.item_shape[-1]), store.manifest['dtype'])
+  layers = [store.array[int(r), int(y):int(y) + s, int(x):int(x) + s][
+                ::-1 if fh else 1, ::-1 if fw else 1].translate_to[0, 0, 0]
+            for r, y, x, fh, fw in zip(rows, windows.ys, windows.xs, windows.flip_h,
+                                       windows.flip_w)]
+  return ts.stack(layers).read().result()
+
+
+def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
+                  rngs: Sequence[np.random.Generator] | None = None, flips: bool = True) -> Batch:
+  """Stacks equal-size contexts into a batch, reading all their crops in one store read: the one
+  preprocessing path of training, evaluation and prediction.
+
+  ``rngs`` (one per context) given: random crops (and flips), for training; None: centre crops.
+  ``crop_size=None``: the largest square (the whole image if square). Feature stores are read
+  whole. Padding rows are zeros.
+  """
+  rows = np.stack([c.rows for c in contexts])
+  real = rows >= 0
+  if store.kind == 'images':
+    height, width = store.item_shape[:2]
+    windows = augment.concatenate([
+        augment.crop_windows(c.num_real, height, width, crop_size,
+                              None if rngs is None else rngs[i], flips)
+        for i, c in enumerate(contexts)])
+    items = read_windows(store, rows[real], windows)
+  else:
+    items = store.read(rows[real])
+  if real.all():
+    images = items.reshape(*rows.shape, *items.shape[1:])
+  else:
+    images = np.zeros((*rows.shape, *items.shape[1:]), items.dtype)
+    images[real] = items
+  return {'images': images, 'labels': np.stack([c.labels for c in contexts]),
+          'mask': real.astype(np.float32), 'is_control': np.stack([c.is_control for c in contexts]),
+          'plate': np.array([c.plate for c in contexts], np.int32), 'rows': rows}
+
+
+class Batches:
+  """An iterator of batches whose position is a checkpointable state.
+
+  ``plates``: the plate list ``batch['plate']`` indexes; ``report``: what was skipped or sampled
+  with replacement/padding (also logged); ``len()``: number of batches (None: endless).
+  """
+
+  def __init__(self, build: Callable[[int], grain.IterDataset], num_batches: int | None,
+               fingerprint: str, plates: tuple[str, ...], report: dict[str, Any]):
+    self._build, self._num_batches, self._fingerprint = build, num_batches, fingerprint
+    self.plates, self.report = plates, report
+    self._next, self._iterator = 0, None
+
+  def __iter__(self) -> Batches:
+    return self
+
+  def __next__(self) -> Batch:
+    if self._num_batches is not None and self._next >= self._num_batches:
+      raise StopIteration
+    if self._iterator is None:
+      self._iterator = iter(self._build(self._next))
+    batch = next(self._iterator)
+    self._next += 1
+    return batch
+
+  def __len__(self) -> int:
+    if self._num_batches is None:
+      raise TypeError('an endless training iterator has no length (give num_batches)')
+    return self._num_batches
+
+  def get_state(self) -> dict[str, Any]:
+    return {'next_batch': self._next, 'fingerprint': self._fingerprint}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state.get('fingerprint') != self._fingerprint:
+      raise ValueError('iterator state was saved by a pipeline with other settings (seed, context '
+                       f'sizes, crop or plates): fingerprint {state.get("fingerprint")} != '
+                       f'{self._fingerprint}')
+    self._next, self._iterator = int(state['next_batch']), None
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_sharding(contexts_per_batch: int, process_index: int, process_count: int) -> None:
+  if contexts_per_batch % process_count or not 0 <= process_index < process_count:
+    raise ValueError(f'contexts_per_batch {contexts_per_batch} must be divisible by process_count '
+                     f'{process_count}, and process_index {process_index} in [0, {process_count})')
+
+
+def _local_batches(contexts_of: Callable[[list[int]], Batch], start: int, stop: int,
+                   contexts_per_batch: int, process_index: int, process_count: int,
+                   num_threads: int, prefetch_buffer_size: int) -> grain.IterDataset:
+  """This process's share of global batches [start, stop): contexts_of(global context indices)."""
+  local = contexts_per_batch // process_count
+
+  def local_batch(step: int) -> Batch:
+    first = int(step) * contexts_per_batch + process_index * local
+    return contexts_of(list(range(first, first + local)))
+
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+  return grain.MapDataset.range(start, stop).map(local_batch).to_iter_dataset(options)
+
+
+def _log_report(what: str, index: PlateIndex, too_few: dict[str, dict] | None = None,
+                too_few_mode: str = 'replace', **extra) -> dict[str, Any]:
+  """Logs (warning) and returns what was skipped and which plates have too few images."""
+  too_few = too_few or {}
+  report = {'plates': len(index.plates), 'skipped_plates': index.skipped_plates,
+            'skipped_rows': index.skipped_rows, 'too_few': too_few, 'too_few_mode': too_few_mode,
+            **extra}
+  if index.skipped_plates:
+    logging.warning('%s: skipped %d plates: %s', what, len(index.skipped_plates), index.skipped_plates)
+  if index.skipped_rows:
+    logging.warning('%s: skipped %d perturbed rows with unusable labels, per plate: %s', what,
+                    sum(index.skipped_rows.values()), index.skipped_rows)
+  if too_few:
+    logging.warning('%s: %d plates have too few images for a full context (their contexts %s): %s',
+                    what, len(too_few), 'repeat images' if too_few_mode == 'replace' else 'are padded',
+                    too_few)
+  return report
+
+
+def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
+                     num_controls: int = 128, contexts_per_batch: int = 8,
+                     crop_size: int | None = 256, flips: bool = True, mode: str = 'plate',
+                     too_few: str = 'replace', seed: int = 0, num_batches: int | None = None,
+                     process_index: int = 0, process_count: int = 1, skip_bad: bool = False,
+                     num_threads: int = 2, prefetch_buffer_size: int = 2) -> Batches:
+  """Endless (or ``num_batches``) training batches of C = ``contexts_per_batch`` contexts.
+
+  mode 'plate': each context is one uniformly drawn plate's N perturbed + K controls (K = 0:
+  ARM-BN); 'mixed' (ERM/AdaBN): N labelled images from any training plates, no controls (K must be
+  0). See ``contexts`` for sampling and bad-input rules.
+  """
+  _check_sharding(contexts_per_batch, process_index, process_count)
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+  if mode == 'mixed' and num_controls:
+    raise ValueError(f"mode 'mixed' draws no controls: set num_controls=0 (got {num_controls})")
+  if num_perturbed < 1:
+    raise ValueError(f'num_perturbed must be >= 1, got {num_perturbed}')
+  index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids),
+                               require_controls=num_controls > 0, skip_bad=skip_bad, part='train')
+  if mode == 'plate':
+    too_few_plates = ctx_lib.too_few_report(index, num_perturbed, num_controls)
+    sample = lambda rng: ctx_lib.training_context(index, rng, num_perturbed, num_controls, too_few)
+  else:
+    total = len(index.all_perturbed[0])
+    too_few_plates = {'(all plates)': {'perturbed': total}} if total < num_perturbed else {}
+    sample = lambda rng: ctx_lib.mixed_context(index, rng, num_perturbed, too_few)
+  report = _log_report('training', index, too_few_plates, too_few,
+                       num_perturbed_images=int(sum(len(r) for r in index.perturbed)))
+
+  def contexts_of(indices: list[int]) -> Batch:
+    rngs = [np.random.default_rng([seed, g]) for g in indices]
+    return read_contexts(store, [sample(rng) for rng in rngs], crop_size, rngs, flips)
+
+  settings = dict(what='training', mode=mode, N=num_perturbed, K=num_controls,
+                  C=contexts_per_batch, crop=crop_size, flips=flips, too_few=too_few, seed=seed,
+                  plates=list(index.plates))
+  stop = num_batches if num_batches is not None else _ENDLESS
+  build = lambda start: _local_batches(contexts_of, start, stop, contexts_per_batch, process_index,
+                                       process_count, num_threads, prefetch_buffer_size)
+  return Batches(build, num_batches, _fingerprint(settings), index.plates, report)
+
+
+def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
+                       num_controls: int = 128, contexts_per_batch: int = 8,
+                       crop_size: int | None = 256, seed: int = 1234,
+                       chunking: str = 'consecutive', label_shift_alpha: float | None = None,
+                       contexts_per_plate: int | None = None, too_few: str = 'replace',
+                       require_labels: bool = True, process_index: int = 0,
+                       process_count: int = 1, skip_bad: bool = False, num_threads: int = 2,
+                       prefetch_buffer_size: int = 2) -> Batches:
+  """Evaluation batches over ``plates``: centre crops, the last batch padded with fully-masked
+  contexts. Default: ``contexts.evaluation_contexts`` (every perturbed image exactly once);
+  ``label_shift_alpha`` given: ``contexts.label_shift_contexts``. ``require_labels=False`` admits
+  unlabelled perturbed images (label -1), for prediction."""
+  _check_sharding(contexts_per_batch, process_index, process_count)
+  index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids),
+                               require_controls=num_controls > 0, require_labels=require_labels,
+                               skip_bad=skip_bad, part='evaluation')
+  if label_shift_alpha is None:
+    contexts = ctx_lib.evaluation_contexts(index, num_perturbed, num_controls, seed, chunking,
+                                           too_few)
+  else:
+    contexts = ctx_lib.label_shift_contexts(index, num_perturbed, num_controls, label_shift_alpha,
+                                            seed, len(store.class_ids), contexts_per_plate, too_few)
+  report = _log_report('evaluation', index, ctx_lib.too_few_report(index, 0, num_controls), too_few,
+                       num_contexts=len(contexts))
+  num_batches = -(-len(contexts) // contexts_per_batch)
+  contexts += [ctx_lib.padding_context(num_perturbed + num_controls)] * (
+      num_batches * contexts_per_batch - len(contexts))
+  settings = dict(what='evaluation', N=num_perturbed, K=num_controls, C=contexts_per_batch,
+                  crop=crop_size, seed=seed, chunking=chunking, alpha=label_shift_alpha,
+                  contexts_per_plate=contexts_per_plate, too_few=too_few,
+                  plates=list(index.plates))
+  contexts_of = lambda indices: read_contexts(store, [contexts[g] for g in indices], crop_size)
+  build = lambda start: _local_batches(contexts_of, start, num_batches, contexts_per_batch,
+                                       process_index, process_count, num_threads,
+                                       prefetch_buffer_size)
+  return Batches(build, num_batches, _fingerprint(settings), index.plates, report)
+
+
+def whole_plates(store, plates: Sequence[str], *, require_controls: bool = True,
+                 require_labels: bool = True, skip_bad: bool = False
+                 ) -> tuple[tuple[str, ...], list[Context]]:
+  """(plates, contexts): one context per plate, all its perturbed images and controls. Stream
+  each with ``context_chunks`` (e.g. into ``adaptation.plate_statistics``)."""
+  index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids),
+                               require_controls=require_controls, require_labels=require_labels,
+                               skip_bad=skip_bad, part='evaluation')
+  _log_report('whole-plate evaluation', index)
+  return index.plates, ctx_lib.whole_plate_contexts(index)
+
+
+def context_chunks(store, context: Context, chunk_size: int = 256,
+                   crop_size: int | None = 256) -> Iterator[Batch]:
+  """A (large) context as consecutive fixed-shape chunks of ``chunk_size`` rows, centre-cropped,
+  the last one padded (mask 0): a fresh iterator on every call, memory bounded by one chunk."""
+  for start in range(0, len(context.rows), chunk_size):
+    rows = context.rows[start:start + chunk_size]
+    n = len(rows)
+    pad = ctx_lib.padding_context(chunk_size)
+    pad.rows[:n], pad.labels[:n] = rows, context.labels[start:start + n]
+    pad.is_control[:n] = context.is_control[start:start + n]
+    batch = read_contexts(store, [Context(context.plate, pad.rows, pad.labels, pad.is_control)],
+                          crop_size)
+    yield {k: v[0] for k, v in batch.items()}

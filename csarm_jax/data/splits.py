@@ -1,0 +1,151 @@
+"""Folds over plates: which plates train, validate and test.
+
+    folds = make_folds(table, kind='source')                      # leave-one-source-out
+    folds = make_folds(table, kind='batch', num_folds=5, seed=0)  # leave-batches-out k-fold
+    folds = make_folds(table, kind='plate', num_folds=5, validation_by='plate')
+    folds[0].save(workdir / 'fold.json'); Fold.load(workdir / 'fold.json')
+
+Every fold partitions the table's plates into train / validation / test; a plate is never in two
+parts, because whole groups (sources, batches or plates) are assigned. The k-fold kinds shuffle the
+sorted groups with ``seed`` and cut them into ``num_folds`` near-equal parts (GroupKFold with
+shuffling). Validation holds out ``ceil(validation_fraction * n)`` of the fold's n training batches
+(or plates), at least one, drawn with a per-fold seed -- the reference's inner GroupShuffleSplit with
+test_size=0.15 over batches. ``validation_fraction=0`` gives no validation part; any other empty
+part raises an error naming the fold and the part.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from etils import epath
+
+SPLIT_KINDS = {'source': 'Metadata_Source', 'batch': 'Metadata_Batch', 'plate': 'Metadata_Plate'}
+VALIDATION_BY = {'batch': 'Metadata_Batch', 'plate': 'Metadata_Plate'}
+PARTS = ('train', 'validation', 'test')
+_PLURAL = {'source': 'sources', 'batch': 'batches', 'plate': 'plates'}
+
+
+class SplitError(ValueError):
+  """A split that cannot be made: too few groups, an empty part, a missing column."""
+
+
+@dataclass(frozen=True)
+class Fold:
+  """One fold: plate IDs per part (sorted), a readable description and the settings that made it."""
+  name: str
+  description: str
+  train: tuple[str, ...]
+  validation: tuple[str, ...]
+  test: tuple[str, ...]
+  settings: dict[str, Any] = field(default_factory=dict)
+
+  def to_json(self) -> str:
+    return json.dumps(asdict(self), indent=2)
+
+  @classmethod
+  def from_json(cls, text: str) -> Fold:
+    raw = json.loads(text)
+    missing = [k for k in ('name', 'description') + PARTS if k not in raw]
+    if missing:
+      raise SplitError(f'fold JSON lacks keys {missing}')
+    fold = cls(name=raw['name'], description=raw['description'],
+               **{p: tuple(raw[p]) for p in PARTS}, settings=raw.get('settings', {}))
+    _check_disjoint(fold)
+    return fold
+
+  def save(self, path: str | epath.Path) -> None:
+    epath.Path(path).write_text(self.to_json())
+
+  @classmethod
+  def load(cls, path: str | epath.Path) -> Fold:
+    return cls.from_json(epath.Path(path).read_text())
+
+
+def _check_disjoint(fold: Fold) -> None:
+  for i, a in enumerate(PARTS):
+    for b in PARTS[i + 1:]:
+      both = sorted(set(getattr(fold, a)) & set(getattr(fold, b)))
+      if both:
+        raise SplitError(f'fold {fold.name}: plate {both[0]} is in both {a} and {b}')
+
+
+def _plates_of(table: pd.DataFrame, column: str, groups) -> tuple[str, ...]:
+  return tuple(sorted(table.loc[table[column].isin(groups), 'Metadata_Plate'].unique()))
+
+
+def _hold_out_validation(table: pd.DataFrame, train_plates: tuple[str, ...], name: str,
+                         validation_by: str, fraction: float, rng: np.random.Generator):
+  """Splits the training plates into (train, validation) by whole batches or plates."""
+  if fraction == 0:
+    return train_plates, ()
+  column = VALIDATION_BY[validation_by]
+  sub = table[table['Metadata_Plate'].isin(train_plates)]
+  units = np.sort(sub[column].unique())
+  n_val = max(1, math.ceil(fraction * len(units)))
+  if n_val >= len(units):
+    raise SplitError(f'fold {name}: part train would be empty: holding out {n_val} of its '
+                     f'{len(units)} {_PLURAL[validation_by]} for validation leaves none to train on')
+  held = rng.choice(units, n_val, replace=False)
+  validation = _plates_of(sub, column, held)
+  return tuple(p for p in train_plates if p not in set(validation)), validation
+
+
+def make_folds(table: pd.DataFrame, kind: str = 'source', num_folds: int | None = None,
+               validation_by: str = 'batch', validation_fraction: float = 0.15,
+               seed: int = 0) -> list[Fold]:
+  """Folds over the table's plates (see the module docstring).
+
+  kind: 'source' (leave-one-source-out: one fold per source, ``num_folds`` must be None),
+  'batch' or 'plate' (k-fold over batches or plates, ``num_folds`` >= 2).
+  """
+  if kind not in SPLIT_KINDS:
+    raise SplitError(f'kind must be one of {sorted(SPLIT_KINDS)}, got {kind!r}')
+  if validation_by not in VALIDATION_BY:
+    raise SplitError(f'validation_by must be one of {sorted(VALIDATION_BY)}, got {validation_by!r}')
+  if not 0 <= validation_fraction < 1:
+    raise SplitError(f'validation_fraction must be in [0, 1), got {validation_fraction}')
+  absent = [c for c in set(SPLIT_KINDS.values()) if c not in table.columns]
+  if absent:
+    raise SplitError(f'the table lacks columns {sorted(absent)}')
+  column = SPLIT_KINDS[kind]
+  groups = np.sort(table[column].unique())
+  if len(groups) < 2:
+    raise SplitError(f'column {column} holds {len(groups)} distinct value(s): a {kind} split needs '
+                     f'at least 2')
+  if kind == 'source':
+    if num_folds is not None:
+      raise SplitError('leave-one-source-out makes one fold per source; leave num_folds unset')
+    test_groups = [[g] for g in groups]
+  else:
+    if num_folds is None or not 2 <= num_folds <= len(groups):
+      raise SplitError(f'num_folds must be in [2, {len(groups)}] ({len(groups)} values of '
+                       f'{column}), got {num_folds}')
+    shuffled = np.random.default_rng(seed).permutation(groups)
+    test_groups = [sorted(part) for part in np.array_split(shuffled, num_folds)]
+
+  settings = {'kind': kind, 'num_folds': len(test_groups), 'validation_by': validation_by,
+              'validation_fraction': validation_fraction, 'seed': seed}
+  all_plates = tuple(sorted(table['Metadata_Plate'].unique()))
+  folds = []
+  for i, held in enumerate(test_groups):
+    name = f'{kind}={held[0]}' if kind == 'source' else f'{kind}-fold{i}of{len(test_groups)}'
+    test = _plates_of(table, column, held)
+    rest = tuple(p for p in all_plates if p not in set(test))
+    train, validation = _hold_out_validation(table, rest, name, validation_by, validation_fraction,
+                                             np.random.default_rng([seed, i]))
+    what = f'source {held[0]}' if kind == 'source' else f'{len(held)} of {len(groups)} {_PLURAL[kind]}'
+    description = (f'test: {what} ({len(test)} plates); validation: {len(validation)} plates '
+                   f'({validation_fraction:.0%} of the training {_PLURAL[validation_by]}); '
+                   f'train: {len(train)} plates')
+    fold = Fold(name, description, train, validation, test, dict(settings, fold_index=i))
+    for part in PARTS:
+      if not getattr(fold, part) and not (part == 'validation' and validation_fraction == 0):
+        raise SplitError(f'fold {name}: part {part} is empty')
+    _check_disjoint(fold)
+    folds.append(fold)
+  return folds

@@ -1,0 +1,238 @@
+"""Loader benchmark: how fast the pipeline serves CS-ARM-BN training contexts, and at what memory.
+
+    PYTHONPATH=. python experiments/benchmark_loader.py --store_sizes=512,2048 --num_batches=6
+
+Builds stores of 540x540x5 uint8 images (the paper's layout; synthetic content: smooth cell-like
+blobs plus noise, so they compress like microscopy rather than like random bytes), then serves
+training contexts (N perturbed + K controls of one plate, random 256 crops and flips) through
+``training_batches`` and prints JSON: host, shapes, images/s (controls counted, per core and per
+CPU-second), single-thread per-context latency (sampling; the pipeline's cropped read; for
+comparison, a whole-image read then numpy crops) and resident memory (RSS) sampled while serving --
+for each store size, to show it does not grow with the store, and each store compression.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from importlib import metadata
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from csarm_jax import data
+from csarm_jax.data import augment
+from csarm_jax.data import contexts as ctx_lib
+from csarm_jax.data import pipeline
+
+IMAGE_SHAPE = (540, 540, 5)
+
+
+def _rss_mb() -> float:
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+class _PeakRss:
+  """Samples the resident set size every 20 ms in a thread; ``peak`` in MiB."""
+
+  def __enter__(self):
+    self.peak, self._stop = _rss_mb(), threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+    return self
+
+  def _run(self):
+    while not self._stop.wait(0.02):
+      self.peak = max(self.peak, _rss_mb())
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+
+
+def _templates(rng: np.random.Generator, count: int) -> np.ndarray:
+  """Cell-like images: Gaussian blobs of varied size and brightness per channel, on a dim field."""
+  h, w, c = IMAGE_SHAPE
+  yy, xx = np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32)
+  out = np.empty((count, h, w, c), np.uint8)
+  for k in range(count):
+    img = np.full((h, w, c), 12.0, np.float32)
+    for _ in range(40):
+      cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(6, 18)
+      blob = np.outer(np.exp(-0.5 * ((yy - cy) / r) ** 2), np.exp(-0.5 * ((xx - cx) / r) ** 2))
+      img += blob[..., None] * rng.uniform(20, 120, c).astype(np.float32)
+    out[k] = np.clip(img, 0, 247)
+  return out
+
+
+def make_benchmark_store(path: str, num_images: int, plate_size: tuple[int, int] = (96, 160),
+                         seed: int = 0, shard_items: int = 64,
+                         compression: str = 'zstd') -> dict[str, Any]:
+  """A store of ``num_images`` 540x540x5 uint8 images in plates of (perturbed, controls) images."""
+  rng = np.random.default_rng(seed)
+  templates, noise = _templates(rng, 12), rng.integers(0, 8, (4, *IMAGE_SHAPE), dtype=np.uint8)
+  per_plate = sum(plate_size)
+  rows = []
+  for i in range(num_images):
+    plate, j = divmod(i, per_plate)
+    control = j >= plate_size[0]
+    label = -1 if control else j % len(data.POSITIVE_CONTROLS)
+    rows.append({'Metadata_Source': 'source_bench', 'Metadata_Batch': f'batch_{plate // 4}',
+                 'Metadata_Plate': f'plate_{plate}', 'Metadata_Well': f'W{j:03d}', 'Metadata_Site': '1',
+                 'Metadata_JCP2022': data.CONTROL_ID if control else data.POSITIVE_CONTROLS[label][0],
+                 'Metadata_PlateType': 'COMPOUND', 'is_control': control, 'label': label})
+  table = pd.DataFrame(rows)
+  table['row'] = np.arange(num_images)
+  array = data.create_array(path, num_images, IMAGE_SHAPE, 'uint8', shard_items=shard_items,
+                            compression=compression)
+  start_time, pending = time.perf_counter(), []
+  for start in range(0, num_images, shard_items):
+    n = min(shard_items, num_images - start)
+    block = np.empty((n, *IMAGE_SHAPE), np.uint8)
+    for b in range(n):
+      shift = tuple(rng.integers(0, 540, 2))
+      block[b] = np.roll(templates[rng.integers(len(templates))], shift, axis=(0, 1))
+      block[b] += noise[rng.integers(len(noise))]
+    pending.append(array[start:start + n].write(block))   # a few shards encode concurrently
+    if len(pending) > 2:
+      pending.pop(0).result()
+  for future in pending:
+    future.result()
+  write_s = time.perf_counter() - start_time
+  manifest = data.make_manifest(data.CHANNELS, 'uint8', IMAGE_SHAPE, num_images,
+                                data.POSITIVE_CONTROLS, data.CONTROL_ID,
+                                {'tool': 'experiments/benchmark_loader.py', 'seed': seed})
+  data.write_metadata(path, table, manifest)
+  disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+  return {'num_images': num_images, 'compression': compression, 'plates': int(table['Metadata_Plate'].nunique()),
+          'write_images_per_s': round(num_images / write_s, 1),
+          'disk_mib': round(disk / 2 ** 20, 1),
+          'compression_ratio': round(float(num_images * np.prod(IMAGE_SHAPE) / disk), 2)}
+
+
+def _latency(store, plates, num_perturbed, num_controls, crop_size, repeats) -> dict[str, float]:
+  """Single-thread time per context: sampling, the pipeline's cropped read, and for comparison a
+  read of the whole images followed by numpy crops."""
+  index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids))
+  times = {'sample_ms': [], 'read_crops_ms': [], 'whole_read_then_numpy_crop_ms': []}
+  for r in range(repeats):
+    rng = np.random.default_rng([1, r])
+    t0 = time.perf_counter()
+    context = ctx_lib.training_context(index, rng, num_perturbed, num_controls)
+    t1 = time.perf_counter()
+    pipeline.read_contexts(store, [context], crop_size, [rng])
+    t2 = time.perf_counter()
+    augment.random_crop_flip(store.read(context.rows), crop_size, rng)
+    t3 = time.perf_counter()
+    for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+      times[key].append(dt)
+  return {key: round(1e3 * float(np.median(v)), 1) for key, v in times.items()}
+
+
+def _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_size, num_batches,
+           num_threads) -> dict[str, Any]:
+  batches = data.training_batches(store, plates, num_perturbed=num_perturbed,
+                                  num_controls=num_controls, contexts_per_batch=contexts_per_batch,
+                                  crop_size=crop_size, seed=0, num_threads=num_threads)
+  rss_before = _rss_mb()
+  with _PeakRss() as rss:
+    first = next(batches)                         # warm-up: threads and tensorstore start
+    cpu0, t0 = os.times(), time.perf_counter()
+    images = 0
+    for _ in range(num_batches):
+      images += int(next(batches)['mask'].sum())
+    wall = time.perf_counter() - t0
+    cpu1 = os.times()
+  cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+  return {'batch_shapes': {k: list(v.shape) for k, v in first.items()},
+          'images_dtype': str(first['images'].dtype), 'num_threads': num_threads,
+          'images_served': images, 'wall_s': round(wall, 2),
+          'images_per_s': round(images / wall, 1),
+          'images_per_cpu_s': round(images / cpu, 1), 'cpu_utilisation': round(cpu / wall, 2),
+          'rss_before_mib': round(rss_before, 1), 'rss_peak_mib': round(rss.peak, 1),
+          'rss_serving_increment_mib': round(rss.peak - rss_before, 1),
+          'rss_after_mib': round(_rss_mb(), 1)}
+
+
+def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
+                     compressions: Sequence[str] = ('zstd',), num_perturbed: int = 64,
+                     num_controls: int = 128, contexts_per_batch: int = 8, crop_size: int = 256,
+                     num_batches: int = 6, num_threads: int = 2, latency_repeats: int = 5,
+                     workdir: str | None = None, keep_stores: bool = False) -> dict[str, Any]:
+  """Builds one store per (compression, size) under ``workdir`` (a temporary directory by
+  default), serves ``num_batches`` batches from each and returns the figures as a JSON-ready dict."""
+  import jax
+  cores = len(os.sched_getaffinity(0))
+  result = {
+      'benchmark': 'loader',
+      'host': {'platform': platform.platform(), 'python': platform.python_version(),
+               'cpu_cores_available': cores, 'cpu_model': _cpu_model(),
+               'load_average_1min_at_start': round(os.getloadavg()[0], 2),
+               'jax_backend': jax.default_backend(),
+               **{lib: metadata.version(lib) for lib in ('numpy', 'tensorstore', 'grain')}},
+      'settings': {'image_shape': list(IMAGE_SHAPE), 'dtype': 'uint8', 'crop_size': crop_size,
+                   'flips': True, 'num_perturbed': num_perturbed, 'num_controls': num_controls,
+                   'contexts_per_batch': contexts_per_batch, 'num_batches': num_batches,
+                   'num_threads': num_threads, 'store': 'zarr3, 64 images/shard, 1 image/chunk'},
+      'stores': [],
+  }
+  root = workdir or tempfile.mkdtemp(prefix='csarm_loader_bench_')
+  try:
+    for compression, size in itertools.product(compressions, store_sizes):
+      path = os.path.join(root, f'store_{compression}_{size}')
+      built = make_benchmark_store(path, size, compression=compression)
+      store = data.open_store(path)
+      plates = sorted(store.table['Metadata_Plate'].unique())
+      served = _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_size,
+                      num_batches, num_threads)
+      served['images_per_s_per_core'] = round(served['images_per_s'] / cores, 1)
+      served['context_latency_single_thread'] = _latency(store, plates, num_perturbed,
+                                                         num_controls, crop_size, latency_repeats)
+      result['stores'].append({**built, **served})
+      del store
+      if not keep_stores:
+        shutil.rmtree(path)
+  finally:
+    if workdir is None and not keep_stores:
+      shutil.rmtree(root, ignore_errors=True)
+  return result
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
+  except OSError:
+    return ''
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+
+  flags.DEFINE_list('store_sizes', ['512', '2048'], 'images per store (one run per size)')
+  flags.DEFINE_list('compressions', ['zstd'], "store compressions to compare: zstd, lz4, none")
+  flags.DEFINE_integer('num_perturbed', 64, 'perturbed images per context (N)')
+  flags.DEFINE_integer('num_controls', 128, 'control images per context (K)')
+  flags.DEFINE_integer('contexts_per_batch', 8, 'contexts per batch (C)')
+  flags.DEFINE_integer('crop_size', 256, 'random crop size')
+  flags.DEFINE_integer('num_batches', 6, 'timed batches per store (after one warm-up batch)')
+  flags.DEFINE_integer('num_threads', 2, 'grain reader threads (batches prepared at once)')
+  flags.DEFINE_string('workdir', None, 'where to build the stores (default: a temporary directory)')
+  flags.DEFINE_bool('keep_stores', False, 'keep the stores after the run')
+  FLAGS = flags.FLAGS
+
+  def main(argv):
+    del argv
+    print(json.dumps(loader_benchmark(
+        [int(s) for s in FLAGS.store_sizes], FLAGS.compressions, FLAGS.num_perturbed, FLAGS.num_controls,
+        FLAGS.contexts_per_batch, FLAGS.crop_size, FLAGS.num_batches, FLAGS.num_threads,
+        workdir=FLAGS.workdir, keep_stores=FLAGS.keep_stores), indent=2))
+
+  app.run(main)

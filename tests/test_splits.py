@@ -1,0 +1,89 @@
+"""Folds over plates: disjoint parts, whole groups, reproducibility, JSON, errors naming the fault."""
+import math
+
+import pandas as pd
+import pytest
+
+from csarm_jax.data import splits
+
+
+def _table(sources=3, batches=4, plates=3):
+  rows = [{'Metadata_Source': f'S{s}', 'Metadata_Batch': f'S{s}_B{b}',
+           'Metadata_Plate': f'S{s}_B{b}_P{p}', 'Metadata_Well': w}
+          for s in range(sources) for b in range(batches) for p in range(plates) for w in ('A01', 'B02')]
+  return pd.DataFrame(rows)
+
+
+TABLE = _table()
+ALL_PLATES = set(TABLE['Metadata_Plate'])
+GROUPS = {'source': 'Metadata_Source', 'batch': 'Metadata_Batch', 'plate': 'Metadata_Plate'}
+KINDS = [('source', None), ('batch', 4), ('plate', 5)]
+
+
+def _column_of(plates, column):
+  return set(TABLE.loc[TABLE['Metadata_Plate'].isin(plates), column])
+
+
+@pytest.mark.parametrize('validation_by', ['batch', 'plate'])
+@pytest.mark.parametrize('kind,num_folds', KINDS)
+def test_parts_are_disjoint_whole_groups_and_cover_every_plate(kind, num_folds, validation_by):
+  folds = splits.make_folds(TABLE, kind, num_folds, validation_by=validation_by, seed=3)
+  tested = []
+  for fold in folds:
+    parts = [set(fold.train), set(fold.validation), set(fold.test)]
+    assert all(parts)
+    assert sum(map(len, parts)) == len(set.union(*parts)) == len(ALL_PLATES)   # disjoint, cover
+    # whole groups: no test group also trains; no validation unit also trains
+    column = GROUPS[kind]
+    assert not _column_of(list(fold.test), column) & _column_of(list(fold.train), column)
+    unit = GROUPS[validation_by]
+    assert not _column_of(list(fold.validation), unit) & _column_of(list(fold.train), unit)
+    train_units = _column_of(list(fold.train) + list(fold.validation), unit)
+    assert len(_column_of(list(fold.validation), unit)) == math.ceil(0.15 * len(train_units))
+    tested += fold.test
+  assert sorted(tested) == sorted(ALL_PLATES)   # every plate is tested in exactly one fold
+
+
+def test_leave_one_source_out_tests_exactly_one_source():
+  folds = splits.make_folds(TABLE, 'source')
+  assert [f.name for f in folds] == ['source=S0', 'source=S1', 'source=S2']
+  for s, fold in enumerate(folds):
+    assert _column_of(list(fold.test), 'Metadata_Source') == {f'S{s}'}
+    assert f'S{s}' not in _column_of(list(fold.train) + list(fold.validation), 'Metadata_Source')
+
+
+@pytest.mark.parametrize('kind,num_folds', KINDS)
+def test_reproducible_by_seed(kind, num_folds):
+  a = splits.make_folds(TABLE, kind, num_folds, seed=7)
+  b = splits.make_folds(TABLE.sample(frac=1, random_state=1), kind, num_folds, seed=7)  # row order
+  assert a == b
+  c = splits.make_folds(TABLE, kind, num_folds, seed=8)
+  assert [f.validation for f in a] != [f.validation for f in c]
+
+
+def test_no_validation_when_fraction_is_zero():
+  for fold in splits.make_folds(TABLE, 'plate', 3, validation_fraction=0):
+    assert fold.validation == () and len(fold.train) + len(fold.test) == len(ALL_PLATES)
+
+
+def test_json_round_trip_and_overlap_check(tmp_path):
+  fold = splits.make_folds(TABLE, 'batch', 3, seed=1)[2]
+  fold.save(tmp_path / 'fold.json')
+  assert splits.Fold.load(tmp_path / 'fold.json') == fold
+  broken = fold.to_json().replace(f'"{fold.validation[0]}"', f'"{fold.train[0]}"')
+  with pytest.raises(splits.SplitError, match=f'plate {fold.train[0]} is in both train and'):
+    splits.Fold.from_json(broken)
+
+
+def test_errors_name_the_fault():
+  with pytest.raises(splits.SplitError, match='Metadata_Source holds 1 distinct'):
+    splits.make_folds(_table(sources=1), 'source')
+  with pytest.raises(splits.SplitError, match=r'num_folds must be in \[2, 12\]'):
+    splits.make_folds(TABLE, 'batch', 13)
+  with pytest.raises(splits.SplitError, match='one fold per source'):
+    splits.make_folds(TABLE, 'source', 3)
+  # one training batch per fold: holding one out for validation empties the train part
+  with pytest.raises(splits.SplitError, match='fold source=S0: part train would be empty'):
+    splits.make_folds(_table(sources=2, batches=1), 'source')
+  with pytest.raises(splits.SplitError, match=r"lacks columns \['Metadata_Batch'\]"):
+    splits.make_folds(TABLE.drop(columns='Metadata_Batch'), 'plate', 3)
