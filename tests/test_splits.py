@@ -87,3 +87,27 @@ def test_errors_name_the_fault():
     splits.make_folds(_table(sources=2, batches=1), 'source')
   with pytest.raises(splits.SplitError, match=r"lacks columns \['Metadata_Batch'\]"):
     splits.make_folds(TABLE.drop(columns='Metadata_Batch'), 'plate', 3)
+
+
+def test_held_out_parts_of_the_training_sources():
+  folds = splits.make_folds(TABLE, kind='source', validation_fraction=0.25,
+                            unseen_batches_fraction=0.34, in_domain_fraction=0.2, seed=3)
+  for fold in folds:
+    parts = {p: set(getattr(fold, p)) for p in splits.PARTS}
+    assert set().union(*parts.values()) == ALL_PLATES
+    assert sum(len(v) for v in parts.values()) == len(ALL_PLATES)         # disjoint
+    batch_of = TABLE.drop_duplicates('Metadata_Plate').set_index('Metadata_Plate')['Metadata_Batch']
+    source_of = TABLE.drop_duplicates('Metadata_Plate').set_index('Metadata_Plate')['Metadata_Source']
+    train_batches = set(batch_of[list(fold.train)])
+    # unseen batches: whole batches none of whose plates train; in-domain: plates of training batches
+    assert fold.unseen_batches and not set(batch_of[list(fold.unseen_batches)]) & train_batches
+    assert fold.in_domain and set(batch_of[list(fold.in_domain)]) <= train_batches
+    assert set(source_of[list(fold.in_domain + fold.unseen_batches)]) <= set(source_of[list(fold.train)])
+    assert splits.Fold.from_json(fold.to_json()) == fold
+  again = splits.make_folds(TABLE, kind='source', validation_fraction=0.25,
+                            unseen_batches_fraction=0.34, in_domain_fraction=0.2, seed=3)
+  assert again == folds
+  plain = splits.make_folds(TABLE, kind='source', validation_fraction=0.25, seed=3)
+  assert [f.validation for f in plain] == [f.validation for f in folds]   # extras do not move it
+  with pytest.raises(splits.SplitError, match='in_domain_fraction must be in'):
+    splits.make_folds(TABLE, in_domain_fraction=1.0)

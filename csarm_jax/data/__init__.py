@@ -1,13 +1,32 @@
-"""Data: the image store, splits, contexts and the input pipeline."""
-from csarm_jax.data.augment import (Windows, apply_windows, center_crop, crop_windows,
-                                    random_crop_flip)
-from csarm_jax.data.constants import CHANNELS, CONTROL_ID, POSITIVE_CONTROLS
-from csarm_jax.data.contexts import (Context, ContextError, PlateIndex, evaluation_contexts,
-                                     index_plates, label_shift_contexts, mixed_context,
-                                     too_few_report, training_context, whole_plate_contexts)
-from csarm_jax.data.normalization import NormStats, compute_normalization, normalize
-from csarm_jax.data.pipeline import (Batches, context_chunks, evaluation_batches, read_contexts,
-                                     read_windows, training_batches, whole_plates)
-from csarm_jax.data.splits import Fold, SplitError, make_folds
-from csarm_jax.data.store import (ImageStore, StoreError, create_array, make_manifest, open_array,
-                                  open_store, write_metadata)
+"""Data: the image store, splits, contexts and the input pipeline.
+
+Names load lazily (``from csarm_jax.data import open_store`` imports only the store module), so
+data-only processes such as image converters do not pay for grain or JAX imports.
+"""
+import importlib
+
+_NAMES = {
+    'csarm_jax.data.augment': ('Windows', 'apply_windows', 'center_crop', 'crop_windows',
+                               'random_crop_flip'),
+    'csarm_jax.data.constants': ('CHANNELS', 'CONTROL_ID', 'POSITIVE_CONTROLS'),
+    'csarm_jax.data.contexts': ('Context', 'ContextError', 'PlateIndex', 'evaluation_contexts',
+                                'index_plates', 'label_shift_contexts', 'mixed_context',
+                                'too_few_report', 'training_context', 'whole_plate_contexts'),
+    'csarm_jax.data.normalization': ('NormStats', 'compute_normalization', 'normalize'),
+    'csarm_jax.data.pipeline': ('Batches', 'context_chunks', 'evaluation_batches', 'read_contexts',
+                                'read_windows', 'training_batches', 'whole_plates'),
+    'csarm_jax.data.splits': ('Fold', 'SplitError', 'make_folds'),
+    'csarm_jax.data.store': ('ImageStore', 'StoreError', 'create_array', 'make_manifest',
+                             'open_array', 'open_store', 'write_metadata'),
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
+
+
+def __getattr__(name):
+  if name in _MODULE_OF:
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)
+  raise AttributeError(f'module csarm_jax.data has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(_MODULE_OF)

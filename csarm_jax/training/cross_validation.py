@@ -24,7 +24,8 @@ def num_folds(config: ml_collections.ConfigDict) -> int:
   return len(splits.make_folds(store.table, kind=s.kind, num_folds=s.num_folds,
                                validation_by=s.validation_by,
                                validation_fraction=s.validation_fraction,
-                               in_domain_fraction=s.in_domain_fraction, seed=s.seed))
+                               in_domain_fraction=s.in_domain_fraction,
+                               unseen_batches_fraction=s.unseen_batches_fraction, seed=s.seed))
 
 
 def run_dir(workdir: str, fold: int, seed: int) -> str:

@@ -114,7 +114,8 @@ def select_fold(config: ml_collections.ConfigDict, store: ImageStore, workdir: s
     folds = splits.make_folds(store.table, kind=s.kind, num_folds=s.num_folds,
                               validation_by=s.validation_by,
                               validation_fraction=s.validation_fraction,
-                              in_domain_fraction=s.in_domain_fraction, seed=s.seed)
+                              in_domain_fraction=s.in_domain_fraction,
+                              unseen_batches_fraction=s.unseen_batches_fraction, seed=s.seed)
   except splits.SplitError as e:
     raise ConfigError(f'config.split: {e}') from None
   _require(0 <= s.fold < len(folds), 'split.fold', f'{s.fold} is out of range: the {s.kind} split '

@@ -192,8 +192,8 @@ def _validate(exp, eval_step, state, step: int, meta: dict[str, Any], log: Metri
 
 def evaluation_settings(exp) -> list[tuple[str, str, Any, tuple[str, ...]]]:
   """(part, mode, alpha, plates) for every evaluation the config asks for."""
-  parts = [('test', exp.fold.test), ('in_domain', exp.fold.in_domain),
-           ('validation', exp.fold.validation)]
+  parts = [('test', exp.fold.test), ('unseen_batches', exp.fold.unseen_batches),
+           ('in_domain', exp.fold.in_domain), ('validation', exp.fold.validation)]
   settings = []
   for part, plates in parts:
     if not plates:

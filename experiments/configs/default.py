@@ -41,7 +41,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       'fold': 0,                    # which fold this run trains
       'validation_by': 'batch',
       'validation_fraction': 0.15,
-      'in_domain_fraction': 0.0,    # hold out this fraction of training plates as an in-domain test
+      # Extra held-out parts of the training sources, scored by the same trained model:
+      'unseen_batches_fraction': 0.0,   # this fraction of the training batches
+      'in_domain_fraction': 0.0,        # then this fraction of the remaining training plates
       'seed': 0,
   })
 
