@@ -35,7 +35,8 @@ def write_store(path, sources=('source_1', 'source_2'), batches_per_source=2, pl
   array = data.create_array(str(path), len(table), item_shape, dtype, shard_items=shard_items,
                             compression=compression)
   for start in range(0, len(table), shard_items):
-    array[start:start + shard_items].write(items[start:start + shard_items]).result()
+    stop = min(start + shard_items, len(table))         # tensorstore does not clamp slices
+    array[start:stop].write(items[start:stop]).result()
   channels = data.CHANNELS if len(item_shape) == 3 else [f'f{i}' for i in range(item_shape[0])]
   manifest = data.make_manifest(channels, dtype, item_shape, len(table), data.POSITIVE_CONTROLS,
                                 data.CONTROL_ID, {'tool': 'tests/store_fixture.py', 'seed': seed})

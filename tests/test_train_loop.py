@@ -1,0 +1,157 @@
+"""train_and_evaluate end to end on a small store: outputs, exact resume, SIGTERM, NaN, bad configs,
+export and ensemble prediction."""
+import json
+import os
+import signal
+import sys
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+import pytest
+
+from csarm_jax import inference
+from csarm_jax.data import open_store
+from csarm_jax.training import checkpoint, experiment, loop
+from csarm_jax.training.state import create_state
+from store_fixture import write_store
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
+from configs import default as default_config  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def store_path(tmp_path_factory):
+  path = tmp_path_factory.mktemp('store')
+  write_store(path, sources=('source_1', 'source_2', 'source_3'), batches_per_source=2,
+              plates_per_batch=2, perturbed_per_plate=8, controls_per_plate=6, item_shape=(12, 12, 5))
+  return str(path)
+
+
+def tiny_config(store_path, method='cs_arm_bn'):
+  c = default_config.get_config()
+  c.method = method
+  c.store = store_path
+  c.model.name, c.model.options = 'cnn', {'width': 4, 'num_stages': 2}
+  c.data.update(crop_size=8, num_perturbed=4, num_controls=4, contexts_per_step=4, num_threads=1)
+  c.split.update(kind='source', fold=0, validation_fraction=0.25, in_domain_fraction=0.34)
+  c.optimizer.learning_rate = 1e-2
+  c.train.update(max_epochs=3, steps_per_epoch=2, log_every_steps=1, checkpoint_every_steps=1,
+                 patience=5)
+  c.eval.update(num_perturbed=4, num_controls=4, contexts_per_step=4)
+  return c
+
+
+def _params(workdir, config):
+  """The parameters of the newest ``latest`` checkpoint of a run."""
+  exp = experiment.build(config, workdir)
+  shapes = jax.eval_shape(lambda: create_state(exp.model, exp.tx, jax.random.key(0), exp.example_input))
+  ckpt = checkpoint.Checkpoints(workdir)
+  try:
+    state = ckpt.restore(checkpoint.LATEST, checkpoint.abstract_like(
+        shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0])))[0]
+  finally:
+    ckpt.close()
+  return state
+
+
+@pytest.fixture(scope='module')
+def finished(store_path, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = tiny_config(store_path)
+  return workdir, config, loop.train_and_evaluate(config, workdir)
+
+
+def test_run_writes_metrics_predictions_and_a_consistent_summary(finished):
+  workdir, config, results = finished
+  for name in ('results.json', 'metrics.jsonl', 'fold.json', 'normalization.json', 'model.json',
+               'config.json'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert set(results['evaluations']) == {'test.chunks', 'in_domain.chunks', 'validation.chunks'}
+  store = open_store(config.store)
+  fold = json.load(open(os.path.join(workdir, 'fold.json')))
+  for name, summary in results['evaluations'].items():
+    frame = pd.read_parquet(os.path.join(workdir, 'eval', f'{name}.predictions.parquet'))
+    part = name.split('.')[0]
+    expected_rows = store.table.loc[store.table['Metadata_Plate'].isin(fold[part]) &
+                                    ~store.table['is_control'], 'row']
+    assert sorted(frame['row']) == sorted(expected_rows)          # every image exactly once
+    assert summary['accuracy'] == pytest.approx((frame['pred'] == frame['label']).mean())
+    assert summary['num_images'] == len(frame)
+    np.testing.assert_allclose(frame.filter(like='prob_').sum(axis=1), 1.0, rtol=1e-6)
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [l['step'] for l in lines if 'train/loss' in l] == list(range(1, 7))
+  assert sum('validation/loss' in l for l in lines) == 3
+
+
+def test_killed_run_resumes_to_the_same_parameters(finished, store_path, tmp_path):
+  workdir_a, config, _ = finished
+  workdir_b = str(tmp_path)
+
+  def crash(step):
+    if step == 4:
+      raise KeyboardInterrupt   # like a kill: work after the step-3 checkpoint is lost
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(config, workdir_b, on_step=crash)
+  loop.train_and_evaluate(config, workdir_b)
+  chex.assert_trees_all_equal(_params(workdir_b, config).params, _params(workdir_a, config).params)
+
+
+def test_sigterm_saves_and_resumes_exactly(finished, store_path, tmp_path):
+  workdir_a, config, _ = finished
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.checkpoint_every_steps = 100            # only SIGTERM and evaluations save
+  workdir = str(tmp_path)
+
+  def preempt(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(loop.Preempted, match='SIGTERM at step 3'):
+    loop.train_and_evaluate(config, workdir, on_step=preempt)
+  assert checkpoint.Checkpoints(workdir).latest_step() == 3
+  loop.train_and_evaluate(config, workdir)
+  chex.assert_trees_all_equal(_params(workdir, config).params, _params(workdir_a, config).params)
+
+
+def test_nan_loss_stops_with_a_saved_checkpoint(store_path, tmp_path):
+  config = tiny_config(store_path)
+  config.optimizer.learning_rate = 1e30
+  with pytest.raises(FloatingPointError, match='training loss became'):
+    loop.train_and_evaluate(config, str(tmp_path))
+  assert checkpoint.Checkpoints(str(tmp_path)).latest_step() is not None
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('method', 'tent', "config.method: unknown method 'tent'"),
+    ('model.name', 'vit', "config.model.name: unknown model 'vit'"),
+    ('store', '/nonexistent/store', 'config.store:'),
+    ('split.fold', 7, 'config.split.fold: 7 is out of range'),
+    ('data.contexts_per_step', 6, 'config.data.contexts_per_step=6 must be a multiple'),
+    ('data.crop_size', 64, 'config.data.crop_size: 64 exceeds'),
+])
+def test_bad_configs_fail_at_start_naming_the_field(store_path, tmp_path, field, value, message):
+  config = tiny_config(store_path)
+  section, _, key = field.rpartition('.')
+  (config[section] if section else config)[key] = value
+  with pytest.raises(experiment.ConfigError, match=message):
+    loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_export_and_ensemble_prediction_match_evaluation(finished, tmp_path):
+  workdir, config, results = finished
+  out = inference.export(workdir, str(tmp_path / 'export'))
+  member = inference.load(out)
+  assert member.spec['method'] == 'cs_arm_bn' and member.norm.channels
+  store = open_store(config.store)
+  fold = json.load(open(os.path.join(workdir, 'fold.json')))
+  images, wells = inference.predict_store([member, member], store, plates=fold['test'],
+                                          contexts_per_step=4)
+  evaluated = pd.read_parquet(os.path.join(workdir, 'eval', 'test.chunks.predictions.parquet'))
+  merged = images.merge(evaluated, on='row', suffixes=('', '_eval'))
+  assert len(merged) == len(evaluated) == len(images)
+  np.testing.assert_allclose(merged['prob_0'], merged['prob_0_eval'], rtol=1e-5, atol=1e-6)
+  assert {'entropy', 'pred_name'} <= set(images.columns)
+  assert wells['num_images'].sum() == len(images)
