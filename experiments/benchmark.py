@@ -1,22 +1,29 @@
 r"""Benchmarks that print JSON with the backend, devices and shapes (never run as tests).
 
-  python experiments/benchmark.py --bench=step   # compiled, sharded meta-training step + adapt/predict
-  python experiments/benchmark.py --bench=step --model=resnet50 --image_size=256 --perturbed=64 \
-      --controls=128 --contexts=8 --dtype=bfloat16          # the paper's setting (GPU/TPU)
+  python experiments/benchmark.py --bench=step     # compiled, sharded meta-training step on
+                                                   # device-resident contexts + adapt/predict latency
+  python experiments/benchmark.py --bench=loader   # the input pipeline alone (540x540x5 uint8 store)
+  python experiments/benchmark.py --bench=train    # the full step with data from a store
 
-Images/s counts every image forwarded (controls included). The step benchmark feeds device-resident
-random uint8 contexts, so it measures the model step alone; ``--bench=loader`` measures the input
-pipeline alone and ``--bench=train`` the full step with data.
+  # the paper's setting on an accelerator:
+  python experiments/benchmark.py --bench=step --model=resnet50 --image_size=256 --perturbed=64 \
+      --controls=128 --contexts=8 --dtype=bfloat16
+
+Images/s counts every image forwarded, controls included.
 """
 from __future__ import annotations
 
 import json
-import platform
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from typing import Any
 
 from absl import app, flags
+
+from bench_common import host_info
 
 _BENCH = flags.DEFINE_enum('bench', 'step', ['step', 'loader', 'train'], 'What to measure.')
 _MODEL = flags.DEFINE_string('model', 'resnet18', 'Model name (csarm_jax.models.names()).')
@@ -29,14 +36,10 @@ _CONTEXTS = flags.DEFINE_integer('contexts', 4, 'Contexts per step (a multiple o
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _METHOD = flags.DEFINE_string('method', 'cs_arm_bn', 'Method whose training step is timed.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after one compile step).')
-
-
-def environment() -> dict[str, Any]:
-  import jax
-  return {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
-          'devices': jax.device_count(), 'processes': jax.process_count(),
-          'jax': jax.__version__, 'python': platform.python_version(), 'host': platform.node(),
-          'cpu_count': __import__('os').cpu_count()}
+_STORE_SIZES = flags.DEFINE_list('store_sizes', ['512', '2048'],
+                                 'loader/train: images per benchmark store (540x540x5 uint8).')
+_COMPRESSIONS = flags.DEFINE_list('compressions', ['zstd'], 'loader: store compressions.')
+_THREADS = flags.DEFINE_integer('num_threads', 2, 'loader/train: grain reader threads.')
 
 
 def _timed(fn, steps: int) -> tuple[float, list[float]]:
@@ -53,43 +56,64 @@ def _timed(fn, steps: int) -> tuple[float, list[float]]:
   return first, times
 
 
-def step_benchmark() -> dict[str, Any]:
+def _setup():
+  """Model, method, optimizer, mesh, replicated state and compiled step from the flags."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
-  import csarm_jax as cj
   from csarm_jax import methods, models, training
 
-  size, ch, n, k, c = (_IMAGE_SIZE.value, _CHANNELS.value, _PERTURBED.value, _CONTROLS.value,
-                       _CONTEXTS.value)
-  options = dict(in_channels=ch, dtype=_DTYPE.value)
+  options = dict(in_channels=_CHANNELS.value, dtype=_DTYPE.value)
   if _MODEL.value != 'mlp':
     options['width'] = _WIDTH.value
   model = models.create(_MODEL.value, 8, **options)
   method = methods.get(_METHOD.value)
   tx = optax.adam(1e-3)
-  preprocess = lambda x: x.astype(jnp.float32) / 255.0
   mesh = training.make_mesh()
-  training.sharding.check_contexts_divide(c, mesh, '--contexts')
-
+  training.sharding.check_contexts_divide(_CONTEXTS.value, mesh, '--contexts')
+  size, ch = _IMAGE_SIZE.value, _CHANNELS.value
   state = training.replicate(
       training.create_state(model, tx, jax.random.key(0), jnp.zeros((2, size, size, ch))), mesh)
-  rng = np.random.default_rng(0)
-  m = n + k
-  labels = np.full((c, m), -1, np.int32)
-  labels[:, :n] = rng.integers(0, 8, (c, n))
-  batch = training.global_batch({
-      'images': rng.integers(0, 256, (c, m, size, size, ch), dtype=np.uint8), 'labels': labels,
-      'mask': np.ones((c, m), np.float32), 'is_control': np.arange(m)[None].repeat(c, 0) >= n}, mesh)
+  preprocess = lambda x: x.astype(jnp.float32) / 255.0
   step = training.compile_train_step(training.make_train_step(model, method, tx, preprocess), mesh)
+  return model, method, mesh, state, step
 
+
+def _shapes() -> dict[str, Any]:
+  return {'contexts_per_step': _CONTEXTS.value, 'perturbed': _PERTURBED.value,
+          'controls': _CONTROLS.value, 'crop': [_IMAGE_SIZE.value, _IMAGE_SIZE.value, _CHANNELS.value]}
+
+
+def _random_batch(mesh):
+  import numpy as np
+  from csarm_jax import training
+  c, n, k, size, ch = (_CONTEXTS.value, _PERTURBED.value, _CONTROLS.value, _IMAGE_SIZE.value,
+                       _CHANNELS.value)
+  rng = np.random.default_rng(0)
+  labels = np.full((c, n + k), -1, np.int32)
+  labels[:, :n] = rng.integers(0, 8, (c, n))
+  return training.global_batch({
+      'images': rng.integers(0, 256, (c, n + k, size, size, ch), dtype=np.uint8), 'labels': labels,
+      'mask': np.ones((c, n + k), np.float32),
+      'is_control': np.arange(n + k)[None].repeat(c, 0) >= n}, mesh)
+
+
+def step_benchmark() -> dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import csarm_jax as cj
+
+  model, method, mesh, state, step = _setup()
+  batch = _random_batch(mesh)
   holder = {'state': state}
+
   def one_step():
     holder['state'], metrics = step(holder['state'], batch)
     return metrics['loss']
   compile_s, times = _timed(one_step, _STEPS.value)
   step_s = statistics.median(times)
+  m = _PERTURBED.value + _CONTROLS.value
 
   variables = jax.device_get(holder['state']).variables
   context = jnp.asarray(np.asarray(batch['images'][0]), jnp.float32) / 255.0
@@ -97,31 +121,97 @@ def step_benchmark() -> dict[str, Any]:
   predict = jax.jit(cj.predict, static_argnums=0)
   adapt_first, adapt_times = _timed(lambda: adapt(model, variables, context), _STEPS.value)
   stats = adapt(model, variables, context)
-  predict_first, predict_times = _timed(lambda: predict(model, variables, stats, context[:n]),
-                                        _STEPS.value)
+  predict_first, predict_times = _timed(
+      lambda: predict(model, variables, stats, context[:_PERTURBED.value]), _STEPS.value)
   params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params']))
   return {
-      'bench': 'step', **environment(), 'model': _MODEL.value, 'width': options.get('width'),
-      'params': params, 'dtype': _DTYPE.value, 'method': method.name,
-      'shapes': {'contexts_per_step': c, 'perturbed': n, 'controls': k,
-                 'image': [size, size, ch], 'batch_images': list(batch['images'].shape)},
+      'bench': 'step', 'host': host_info(), 'model': _MODEL.value, 'width': _WIDTH.value,
+      'params': params, 'dtype': _DTYPE.value, 'method': method.name, 'shapes': _shapes(),
       'compile_plus_first_step_s': round(compile_s, 3), 'step_s_median': round(step_s, 4),
       'step_s_all': [round(t, 4) for t in times],
-      'images_per_s': round(c * m / step_s, 1), 'labelled_images_per_s': round(c * n / step_s, 1),
+      'images_per_s': round(_CONTEXTS.value * m / step_s, 1),
+      'labelled_images_per_s': round(_CONTEXTS.value * _PERTURBED.value / step_s, 1),
       'adapt_one_context_s': round(statistics.median(adapt_times), 4),
       'adapt_compile_s': round(adapt_first, 3),
       'predict_perturbed_s': round(statistics.median(predict_times), 4),
       'predict_compile_s': round(predict_first, 3),
+      'device_memory': _memory_stats(),
   }
+
+
+def _memory_stats() -> dict[str, int] | None:
+  import jax
+  stats = jax.devices()[0].memory_stats()
+  if not stats:
+    return None
+  return {k: int(v) for k, v in stats.items() if k in ('peak_bytes_in_use', 'bytes_limit')}
+
+
+def loader_benchmark() -> dict[str, Any]:
+  import benchmark_loader
+  return benchmark_loader.loader_benchmark(
+      [int(s) for s in _STORE_SIZES.value], _COMPRESSIONS.value, _PERTURBED.value, _CONTROLS.value,
+      _CONTEXTS.value, _IMAGE_SIZE.value, num_batches=_STEPS.value, num_threads=_THREADS.value)
+
+
+def train_benchmark() -> dict[str, Any]:
+  """The full step with data: grain batches from a store -> global arrays -> compiled step.
+
+  Reports end-to-end images/s, the share of wall time the host waited for data, and (as the
+  utilisation proxy every backend allows) the compute-only step time on a device-resident batch
+  divided by the end-to-end step time.
+  """
+  import jax
+  import benchmark_loader
+  from csarm_jax import data, training
+
+  model, method, mesh, state, step = _setup()
+  root = tempfile.mkdtemp(prefix='csarm_train_bench_')
+  try:
+    path = os.path.join(root, 'store')
+    built = benchmark_loader.make_benchmark_store(path, int(_STORE_SIZES.value[-1]),
+                                                  compression=_COMPRESSIONS.value[0])
+    store = data.open_store(path)
+    batches = data.training_batches(
+        store, sorted(store.table['Metadata_Plate'].unique()), num_perturbed=_PERTURBED.value,
+        num_controls=_CONTROLS.value if method.train_controls else 0,
+        contexts_per_batch=_CONTEXTS.value, crop_size=_IMAGE_SIZE.value,
+        mode=method.train_sampling, num_threads=_THREADS.value)
+    wait, total = [], []
+    for i in range(_STEPS.value + 1):
+      start = time.perf_counter()
+      batch = training.global_batch(next(batches), mesh)
+      fetched = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics['loss'])
+      if i:                                     # the first step compiles
+        wait.append(fetched - start)
+        total.append(time.perf_counter() - start)
+    resident = _random_batch(mesh)
+    holder = {'state': state}
+
+    def compute_only():
+      holder['state'], m = step(holder['state'], resident)
+      return m['loss']
+    _, compute = _timed(compute_only, _STEPS.value)
+    m = _PERTURBED.value + (_CONTROLS.value if method.train_controls else 0)
+    step_s, compute_s = statistics.median(total), statistics.median(compute)
+    return {'bench': 'train', 'host': host_info(), 'model': _MODEL.value, 'width': _WIDTH.value,
+            'dtype': _DTYPE.value, 'method': method.name, 'shapes': _shapes(), 'store': built,
+            'num_threads': _THREADS.value, 'end_to_end_step_s_median': round(step_s, 4),
+            'images_per_s': round(_CONTEXTS.value * m / step_s, 1),
+            'data_wait_fraction': round(sum(wait) / sum(total), 3),
+            'compute_only_step_s_median': round(compute_s, 4),
+            'device_busy_fraction': round(min(1.0, compute_s / step_s), 3),
+            'device_memory': _memory_stats()}
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv):
   del argv
-  if _BENCH.value == 'step':
-    result = step_benchmark()
-  else:
-    raise app.UsageError(f'--bench={_BENCH.value} is not available yet')
-  print(json.dumps(result, indent=1))
+  bench = {'step': step_benchmark, 'loader': loader_benchmark, 'train': train_benchmark}
+  print(json.dumps(bench[_BENCH.value](), indent=1))
 
 
 if __name__ == '__main__':

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -28,6 +27,7 @@ import pandas as pd
 import tifffile
 from absl import app, flags
 
+from bench_common import host_info
 from csarm_jax.data import jump
 from csarm_jax.data.constants import CHANNELS, CONTROL_ID, POSITIVE_CONTROLS
 from csarm_jax.data.jump import convert as convert_lib
@@ -121,14 +121,6 @@ def _cpu_seconds() -> float:
   return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    return platform.processor()
-
-
 def main(argv):
   del argv
   tmp = tempfile.mkdtemp(prefix='jump_bench_', dir=FLAGS.tmp)
@@ -143,10 +135,7 @@ def main(argv):
     index_path = os.path.join(tmp, 'index.parquet')
     jump.write_index(index_path, index, jump.make_info(selection, metadata, report, root))
     results = {
-        'benchmark': 'jump_convert', 'host': {
-            'platform': platform.platform(), 'cpu': _cpu_model(), 'cpu_count': os.cpu_count(),
-            'python': platform.python_version(), 'numpy': np.__version__,
-            'tifffile': tifffile.__version__, 'load_average': os.getloadavg()},
+        'benchmark': 'jump_convert', 'host': host_info(('numpy', 'tifffile', 'tensorstore')),
         'shapes': {'raw': [FLAGS.size, FLAGS.size], 'raw_dtype': 'uint16', 'channels': len(CHANNELS),
                    'stored': [FLAGS.size // 2, FLAGS.size // 2, len(CHANNELS)], 'stored_dtype': 'uint8',
                    'sites': len(index), 'plates': FLAGS.plates, 'shard_items': FLAGS.shard_items},

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from importlib import metadata
 import os
-import platform
 import shutil
 import tempfile
 import threading
@@ -26,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from bench_common import host_info
 from csarm_jax import data
 from csarm_jax.data import augment
 from csarm_jax.data import contexts as ctx_lib
@@ -168,15 +167,10 @@ def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
                      workdir: str | None = None, keep_stores: bool = False) -> dict[str, Any]:
   """Builds one store per (compression, size) under ``workdir`` (a temporary directory by
   default), serves ``num_batches`` batches from each and returns the figures as a JSON-ready dict."""
-  import jax
   cores = len(os.sched_getaffinity(0))
   result = {
       'benchmark': 'loader',
-      'host': {'platform': platform.platform(), 'python': platform.python_version(),
-               'cpu_cores_available': cores, 'cpu_model': _cpu_model(),
-               'load_average_1min_at_start': round(os.getloadavg()[0], 2),
-               'jax_backend': jax.default_backend(),
-               **{lib: metadata.version(lib) for lib in ('numpy', 'tensorstore', 'grain')}},
+      'host': host_info(('numpy', 'tensorstore', 'grain')),
       'settings': {'image_shape': list(IMAGE_SHAPE), 'dtype': 'uint8', 'crop_size': crop_size,
                    'flips': True, 'num_perturbed': num_perturbed, 'num_controls': num_controls,
                    'contexts_per_batch': contexts_per_batch, 'num_batches': num_batches,
@@ -203,14 +197,6 @@ def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
     if workdir is None and not keep_stores:
       shutil.rmtree(root, ignore_errors=True)
   return result
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
-  except OSError:
-    return ''
 
 
 if __name__ == '__main__':
