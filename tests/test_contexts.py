@@ -123,6 +123,17 @@ def test_evaluation_covers_every_perturbed_image_once(chunking):
   assert any((a.rows != b.rows).any() for a, b in zip(contexts, other))
 
 
+def test_evaluation_subset_is_a_prefix_of_the_fixed_permutation():
+  index = _index()
+  full = cx.evaluation_contexts(index, 4, 2, seed=7)
+  capped = cx.evaluation_contexts(index, 4, 2, seed=7, max_images_per_plate=6)
+  for p in range(len(index.plates)):
+    rows = lambda cs: np.concatenate([c.rows[~c.is_control & (c.rows >= 0)] for c in cs if c.plate == p])
+    kept = rows(capped)
+    assert len(kept) == min(6, len(index.perturbed[p]))
+    np.testing.assert_array_equal(kept, rows(full)[:len(kept)])     # same order, first images
+
+
 def test_whole_plate_contexts_hold_the_whole_plate():
   index = _index()
   for ctx, (plate, (n_pert, n_ctrl)) in zip(cx.whole_plate_contexts(index), PLATES.items()):

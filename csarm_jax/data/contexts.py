@@ -197,20 +197,23 @@ def plate_rng(seed: int, plate: str) -> np.random.Generator:
 
 
 def evaluation_contexts(index: PlateIndex, num_perturbed: int, num_controls: int, seed: int,
-                        chunking: str = 'consecutive', too_few: str = 'replace') -> list[Context]:
+                        chunking: str = 'consecutive', too_few: str = 'replace',
+                        max_images_per_plate: int | None = None) -> list[Context]:
   """Every perturbed image of every plate exactly once, each context of size N + K.
 
   Per plate, in ``index.plates`` order: a seeded permutation of its perturbed images, cut into
   chunks of at most N -- 'consecutive' (the reference: N, N, ..., remainder) or 'balanced' (sizes
   differ by at most one, no tiny tail chunk) -- each joined by K freshly drawn controls of the plate.
+  ``max_images_per_plate`` keeps only the first that many images of each plate's permutation (a
+  fixed, seeded subset, e.g. for sweeps of tiny contexts that would otherwise cost a pass per image).
   """
   if chunking not in ('consecutive', 'balanced'):
     raise ContextError(f"chunking must be 'consecutive' or 'balanced', got {chunking!r}")
   out = []
   for p, plate in enumerate(index.plates):
     rng = plate_rng(seed, plate)
-    n = len(index.perturbed[p])
-    order = rng.permutation(n)
+    order = rng.permutation(len(index.perturbed[p]))[:max_images_per_plate]
+    n = len(order)
     num_chunks = -(-n // num_perturbed)
     if chunking == 'balanced':
       chunks = np.array_split(order, num_chunks)

@@ -224,6 +224,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                        crop_size: int | None = 256, seed: int = 1234,
                        chunking: str = 'consecutive', label_shift_alpha: float | None = None,
                        contexts_per_plate: int | None = None, too_few: str = 'replace',
+                       max_images_per_plate: int | None = None,
                        require_labels: bool = True, process_index: int = 0,
                        process_count: int = 1, skip_bad: bool = False, num_threads: int = 2,
                        prefetch_buffer_size: int = 2) -> Batches:
@@ -237,7 +238,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                                skip_bad=skip_bad, part='evaluation')
   if label_shift_alpha is None:
     contexts = ctx_lib.evaluation_contexts(index, num_perturbed, num_controls, seed, chunking,
-                                           too_few)
+                                           too_few, max_images_per_plate)
   else:
     contexts = ctx_lib.label_shift_contexts(index, num_perturbed, num_controls, label_shift_alpha,
                                             seed, len(store.class_ids), contexts_per_plate, too_few)
@@ -249,6 +250,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   settings = dict(what='evaluation', N=num_perturbed, K=num_controls, C=contexts_per_batch,
                   crop=crop_size, seed=seed, chunking=chunking, alpha=label_shift_alpha,
                   contexts_per_plate=contexts_per_plate, too_few=too_few,
+                  max_images_per_plate=max_images_per_plate,
                   plates=list(index.plates))
   contexts_of = lambda indices: read_contexts(store, [contexts[g] for g in indices], crop_size)
   build = lambda start: _local_batches(contexts_of, start, num_batches, contexts_per_batch,

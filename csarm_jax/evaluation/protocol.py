@@ -51,6 +51,7 @@ def _eval_batches(exp, plates, alpha: float | None = None, require_labels: bool 
       crop_size=c.data.crop_size if exp.store.kind == 'images' else None,
       seed=c.eval.label_shift_seed if alpha is not None else c.eval.seed,
       label_shift_alpha=alpha, too_few=c.data.too_few, require_labels=require_labels,
+      max_images_per_plate=c.eval.max_images_per_plate,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=c.data.num_threads)
 

@@ -161,6 +161,22 @@ def train(exp: experiment.Experiment, workdir: str,
     ckpt.close()
 
 
+def restore_variables(exp: experiment.Experiment, workdir: str) -> dict[str, Any]:
+  """The selected (best, else latest) variables of a trained run, replicated on ``exp.mesh``."""
+  shapes = jax.eval_shape(lambda: create_state(exp.model, exp.tx, jax.random.key(0),
+                                               exp.example_input))
+  ckpt = checkpoint.Checkpoints(workdir)
+  try:
+    which = checkpoint.BEST if (exp.fold.validation and
+                                ckpt.latest_step(checkpoint.BEST) is not None) else checkpoint.LATEST
+    restored = ckpt.restore(which, checkpoint.abstract_like(shapes, sharding.replicated(exp.mesh)))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'{workdir} holds no checkpoint')
+  return restored[0].variables
+
+
 def _reduce(metrics: list[dict[str, np.ndarray]]) -> dict[str, float]:
   labelled = np.array([m['labelled'] for m in metrics], np.float64)
   return {'loss': float(np.mean([m['loss'] for m in metrics])),
@@ -253,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                exp.fold.description, exp.method.name, config.model.name, exp.mesh.size,
                exp.steps_per_epoch, exp.total_steps)
   state, meta = train(exp, workdir, on_step)
-  results = evaluate_all(exp, state.variables, workdir)
+  results = evaluate_all(exp, state.variables, workdir) if config.eval.final_evaluation else {}
   final = {'method': exp.method.name, 'fold': exp.fold.name, 'seed': config.seed,
            'best_step': meta['best_step'], 'stopped_early': meta['stopped_early'],
            'evaluated_step': int(state.step), 'evaluations': results}
