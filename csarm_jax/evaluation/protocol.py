@@ -30,10 +30,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def predictions_frame(store, rows: np.ndarray, logits: np.ndarray, context: np.ndarray) -> pd.DataFrame:
-  """One row per predicted image: store metadata, label, pred, class probabilities, context id."""
+def predictions_frame(store, rows: np.ndarray, logits: np.ndarray, context: np.ndarray,
+                      features: np.ndarray | None = None) -> pd.DataFrame:
+  """One row per predicted image: store metadata, label, pred, class probabilities, context id
+  (and ``feature_<i>`` columns when features are given)."""
   probs = _softmax(logits)
   frame = pd.DataFrame(probs, columns=prob_columns(probs.shape[1]))
+  if features is not None:
+    frame = pd.concat([frame, pd.DataFrame(features, columns=[f'feature_{i}' for i in
+                                                              range(features.shape[1])])], axis=1)
   frame.insert(0, 'row', rows.astype(np.int64))
   frame.insert(1, 'context', context.astype(np.int64))
   frame.insert(2, 'pred', probs.argmax(axis=1))
@@ -59,13 +64,13 @@ def _eval_batches(exp, plates, alpha: float | None = None, require_labels: bool 
 def run_contexts(store, mesh, eval_step, variables, batches: Iterable[dict[str, np.ndarray]]
                  ) -> tuple[pd.DataFrame, float, int]:
   """(predictions of the perturbed rows, summed loss, labelled rows) over evaluation batches."""
-  rows, logits, contexts = [], [], []
+  rows, logits, contexts, features = [], [], [], []
   loss_sum, labelled, offset = 0.0, 0, 0
   for local in batches:
     local = {**local, 'rows': np.asarray(local['rows'], np.int32)}
     out = eval_step(variables, sharding.global_batch(local, mesh))
     gathered = multihost_utils.process_allgather(
-        {'logits': out['logits'], 'loss_sum': out['loss_sum'], 'labelled': out['labelled'],
+        {**out,
          'rows': sharding.global_batch({'r': local['rows']}, mesh)['r'],
          'keep': sharding.global_batch({'k': (local['mask'] > 0) & ~local['is_control']}, mesh)['k']},
         tiled=True)
@@ -73,6 +78,8 @@ def run_contexts(store, mesh, eval_step, variables, batches: Iterable[dict[str, 
     num_contexts = keep.shape[0]
     rows.append(np.asarray(gathered['rows'])[keep])
     logits.append(np.asarray(gathered['logits'])[keep])
+    if 'features' in gathered:
+      features.append(np.asarray(gathered['features'])[keep])
     contexts.append(np.broadcast_to((offset + np.arange(num_contexts))[:, None], keep.shape)[keep])
     loss_sum += float(np.sum(gathered['loss_sum']))
     labelled += int(np.sum(gathered['labelled']))
@@ -80,7 +87,8 @@ def run_contexts(store, mesh, eval_step, variables, batches: Iterable[dict[str, 
   if not rows:
     raise ValueError('evaluation produced no contexts')
   frame = predictions_frame(store, np.concatenate(rows), np.concatenate(logits),
-                            np.concatenate(contexts))
+                            np.concatenate(contexts),
+                            np.concatenate(features) if features else None)
   return frame, loss_sum, labelled
 
 

@@ -35,15 +35,18 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Arra
 
 
 def context_logits(model: nn.Module, method: Method, variables: dict[str, Any], x: jax.Array,
-                   mask: jax.Array, is_control: jax.Array, train: bool):
-  """Logits of one context under the method's rule (and updated running averages when training)."""
+                   mask: jax.Array, is_control: jax.Array, train: bool, **kwargs):
+  """Logits of one context under the method's rule (and updated running averages when training).
+
+  ``kwargs`` go to the model (e.g. ``return_features=True`` makes the logits a (logits, features)
+  pair)."""
   weights = method.weights(mask, is_control)
   if train and method.running_stats:
-    logits, updates = model.apply(variables, x, norm=CONTEXT, weights=weights,
-                                  mutable=[RUNNING_STATS])
-    return logits, updates[RUNNING_STATS]
+    out, updates = model.apply(variables, x, norm=CONTEXT, weights=weights,
+                               mutable=[RUNNING_STATS], **kwargs)
+    return out, updates[RUNNING_STATS]
   norm = RUNNING if (not train and method.eval_norm == RUNNING) else CONTEXT
-  return model.apply(variables, x, norm=norm, weights=weights), variables[RUNNING_STATS]
+  return model.apply(variables, x, norm=norm, weights=weights, **kwargs), variables[RUNNING_STATS]
 
 
 def _mean_over_contexts(loss_sum: jax.Array, count: jax.Array) -> jax.Array:
@@ -80,18 +83,22 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
   return step
 
 
-def make_eval_step(model: nn.Module, method: Method, preprocess: Preprocess
+def make_eval_step(model: nn.Module, method: Method, preprocess: Preprocess,
+                   with_features: bool = False
                    ) -> Callable[[dict[str, Any], Batch], dict[str, jax.Array]]:
-  """(variables, batch) -> per-row logits (C, M, K) and the summed masked loss, no update."""
+  """(variables, batch) -> per-row logits (C, M, K) and the summed masked loss, no update
+  (and the penultimate features (C, M, F) when ``with_features``)."""
   def evaluate(variables: dict[str, Any], batch: Batch) -> dict[str, jax.Array]:
     def one_context(images, labels, mask, is_control):
-      logits, _ = context_logits(model, method, variables, preprocess(images), mask, is_control,
-                                 train=False)
-      return (logits,) + masked_cross_entropy(logits, labels)
+      out, _ = context_logits(model, method, variables, preprocess(images), mask, is_control,
+                              train=False, return_features=with_features)
+      logits, features = out if with_features else (out, jnp.zeros(labels.shape + (0,)))
+      return (logits, features) + masked_cross_entropy(logits, labels)
 
-    logits, loss_sum, count, correct = jax.vmap(one_context)(
+    logits, features, loss_sum, count, correct = jax.vmap(one_context)(
         batch['images'], batch['labels'], batch['mask'], batch['is_control'])
-    return {'logits': logits, 'loss_sum': loss_sum, 'labelled': count, 'correct': correct}
+    out = {'logits': logits, 'loss_sum': loss_sum, 'labelled': count, 'correct': correct}
+    return {**out, 'features': features} if with_features else out
   return evaluate
 
 

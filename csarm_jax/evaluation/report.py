@@ -1,0 +1,202 @@
+"""The study's report: ``summary.md`` tables and PNG figures, computed from ``results.csv`` alone
+(plus ``embedding.csv`` for the feature-space figure)."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+SETTING_ORDER = ('in_domain', 'unseen_batches', 'unseen_source')
+SETTING_LABELS = {'in_domain': 'unseen plates (in-domain)', 'unseen_batches': 'unseen batches',
+                  'unseen_source': 'unseen source (cross-lab)'}
+METHOD_LABELS = {'erm': 'ERM', 'adabn': 'AdaBN', 'adabn_controls': 'AdaBN + controls', 'ben': 'BEN',
+                 'arm_bn': 'ARM-BN', 'cs_arm_bn': 'CS-ARM-BN'}
+
+
+def aggregate(results: pd.DataFrame, metric: str = 'accuracy') -> pd.DataFrame:
+  """mean, sample std (ddof=1) and n over folds x seeds per method/setting/sweep/value."""
+  keys = ['method', 'setting', 'sweep', 'sweep_value']
+  r = results.assign(sweep_value=results['sweep_value'].fillna('').astype(str))
+  g = r.groupby(keys, sort=False)[metric]
+  out = pd.DataFrame({'mean': g.mean(), 'std': g.std(ddof=1).fillna(0.0), 'n': g.size()})
+  return out.reset_index()
+
+
+def _cell(row) -> str:
+  return f"{row['mean']:.3f} ± {row['std']:.3f} (n={int(row['n'])})"
+
+
+def _pivot(agg: pd.DataFrame, columns: str, order: Sequence[str], methods: Sequence[str]) -> pd.DataFrame:
+  table = agg.assign(cell=agg.apply(_cell, axis=1)).pivot(index='method', columns=columns,
+                                                         values='cell')
+  table = table.reindex(index=[m for m in methods if m in table.index],
+                        columns=[c for c in order if c in table.columns]).fillna('—')
+  return table.rename(index=METHOD_LABELS)
+
+
+def _markdown(table: pd.DataFrame, first: str) -> str:
+  header = f'| {first} | ' + ' | '.join(map(str, table.columns)) + ' |'
+  lines = [header, '|' + '---|' * (len(table.columns) + 1)]
+  lines += [f'| {i} | ' + ' | '.join(map(str, r)) + ' |' for i, r in table.iterrows()]
+  return '\n'.join(lines)
+
+
+def _sweep(agg: pd.DataFrame, sweep: str, setting: str, balanced: bool = False) -> pd.DataFrame:
+  rows = agg[(agg['sweep'] == sweep) & (agg['setting'] == setting)]
+  if balanced:        # the default protocol is the 'balanced' end of the label-shift axis
+    base = agg[(agg['sweep'] == 'none') & (agg['setting'] == setting)].assign(sweep_value='balanced')
+    rows = pd.concat([base, rows])
+  return rows
+
+
+def _sweep_order(values) -> list[str]:
+  numeric = sorted({v for v in values if v != 'balanced'}, key=float)
+  if 'balanced' in set(values):
+    return ['balanced'] + sorted(numeric, key=float, reverse=True)
+  return numeric
+
+
+def summary_markdown(results: pd.DataFrame, paper: pd.DataFrame, sweep_setting: str,
+                     command: str) -> str:
+  methods = list(dict.fromkeys(results['method']))
+  agg = aggregate(results)
+  main = _pivot(agg[agg['sweep'] == 'none'], 'setting', SETTING_ORDER, methods)
+  main.columns = [SETTING_LABELS[c] for c in main.columns]
+  parts = [
+      '# CS-ARM-BN reproduction study', '',
+      f'Regenerate: `{command}`', '',
+      'Accuracy = fraction of perturbed test images classified correctly (8 classes), mean ± '
+      'sample std over folds × seeds (n runs). Computed from `results.csv`.', '',
+      '## Accuracy by method and setting', '', _markdown(main, 'method'), '']
+  for sweep, title, balanced in (('label_shift', 'Label shift: Dirichlet α of each test context', True),
+                                 ('perturbed', 'Perturbed images per test context', False),
+                                 ('controls', 'DMSO controls per test context', False)):
+    rows = _sweep(agg, sweep, sweep_setting, balanced)
+    if len(rows):
+      table = _pivot(rows, 'sweep_value', _sweep_order(rows['sweep_value']), methods)
+      parts += [f'## {title} ({SETTING_LABELS[sweep_setting]})', '', _markdown(table, 'method'), '']
+  parts += ['## The paper beside ours', '', paper_comparison_markdown(agg, paper), '']
+  return '\n'.join(parts)
+
+
+def paper_comparison_markdown(agg: pd.DataFrame, paper: pd.DataFrame) -> str:
+  merged = paper.merge(agg, on=['method', 'setting', 'sweep', 'sweep_value'], how='left')
+  lines = ['| paper claim | paper | ours (method, setting) |', '|---|---|---|']
+  for _, r in merged.iterrows():
+    ours = '—' if pd.isna(r['mean']) else _cell(r)
+    std = '' if pd.isna(r['paper_std']) else f" ± {r['paper_std']:.3f}"
+    where = f"{METHOD_LABELS.get(r['method'], r['method'])}, {SETTING_LABELS[r['setting']]}"
+    if r['sweep'] != 'none':
+      where += f", {r['sweep'].replace('_', ' ')} {r['sweep_value']}"
+    lines.append(f"| {r['paper_claim']} | {r['paper_mean']:.3f}{std} | {ours} ({where}) |")
+  return '\n'.join(lines)
+
+
+def _runs_note(results: pd.DataFrame) -> str:
+  return f"n = {results.groupby(['fold', 'seed']).ngroups} runs (folds × seeds) per point"
+
+
+def plot_settings(results: pd.DataFrame, path: str) -> None:
+  methods = list(dict.fromkeys(results['method']))
+  agg = aggregate(results)
+  agg = agg[agg['sweep'] == 'none']
+  settings = [s for s in SETTING_ORDER if s in set(agg['setting'])]
+  fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+  width = 0.8 / len(methods)
+  for i, m in enumerate(methods):
+    rows = agg[agg['method'] == m].set_index('setting').reindex(settings)
+    ax.bar(np.arange(len(settings)) + i * width, rows['mean'], width, yerr=rows['std'], capsize=2,
+           label=METHOD_LABELS.get(m, m))
+  ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2)
+  ax.set_xticklabels([SETTING_LABELS[s] for s in settings])
+  ax.set_ylabel('accuracy (fraction of images)')
+  ax.set_ylim(0, 1)
+  ax.set_title(f'Accuracy by setting; mean ± std, {_runs_note(results)}', fontsize=9)
+  ax.legend(fontsize=7, ncol=3, loc='lower left')
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_sweep(results: pd.DataFrame, sweep: str, setting: str, xlabel: str, path: str,
+               log_x: bool = False) -> None:
+  agg = aggregate(results)
+  rows = _sweep(agg, sweep, setting, balanced=sweep == 'label_shift')
+  if not len(rows):
+    return
+  order = _sweep_order(rows['sweep_value'])
+  fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=100)
+  for m in dict.fromkeys(rows['method']):
+    r = rows[rows['method'] == m].set_index('sweep_value').reindex(order).dropna(subset=['mean'])
+    x = [order.index(v) for v in r.index] if not log_x else [float(v) for v in r.index]
+    ax.errorbar(x, r['mean'], yerr=r['std'], marker='o', capsize=2, label=METHOD_LABELS.get(m, m))
+  if log_x:
+    ax.set_xscale('symlog', linthresh=1)
+    values = [float(v) for v in order]
+    ax.set_xticks(values)
+    ax.set_xticklabels(order)
+  else:
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels(order)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel('accuracy (fraction of images)')
+  ax.set_ylim(0, 1)
+  ax.set_title(f'{SETTING_LABELS[setting]}; mean ± std, {_runs_note(results)}', fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_embedding(embedding: pd.DataFrame, class_names: Sequence[str], path: str) -> None:
+  """2 x methods panels: the 2-D projection of penultimate features coloured by source and class."""
+  methods = list(dict.fromkeys(embedding['method']))
+  fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 7.4), dpi=100, squeeze=False)
+  sources = sorted(embedding['Metadata_Source'].unique())
+  for j, m in enumerate(methods):
+    e = embedding[embedding['method'] == m]
+    for i, (column, names) in enumerate((('Metadata_Source', sources),
+                                         ('label', list(range(len(class_names)))))):
+      ax = axes[i, j]
+      cmap = plt.get_cmap('tab10')
+      for k, value in enumerate(names):
+        sel = e[e[column] == value]
+        label = value if column == 'Metadata_Source' else class_names[value]
+        ax.scatter(sel['pc1'], sel['pc2'], s=4, alpha=0.6, color=cmap(k % 10), label=label)
+      ax.set_title(f"{METHOD_LABELS.get(m, m)}: by {'source' if i == 0 else 'class'} "
+                   f'(n={len(e)} images)', fontsize=9)
+      ax.set_xlabel(f"PC1 ({e['pc1_var'].iloc[0]:.0%} of variance)")
+      ax.set_ylabel(f"PC2 ({e['pc2_var'].iloc[0]:.0%} of variance)")
+      ax.legend(fontsize=6, markerscale=2, loc='best')
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def write(workdir: str, paper: pd.DataFrame, sweep_setting: str, command: str,
+          class_names: Sequence[str] | None = None) -> str:
+  """summary.md and the figures from workdir/results.csv (and embedding.csv if present)."""
+  results = pd.read_csv(os.path.join(workdir, 'results.csv'), dtype={'sweep_value': str})
+  results['sweep_value'] = results['sweep_value'].fillna('')
+  text = summary_markdown(results, paper, sweep_setting, command)
+  plot_settings(results, os.path.join(workdir, 'accuracy_by_setting.png'))
+  plot_sweep(results, 'label_shift', sweep_setting, 'Dirichlet α of test contexts (small = skewed)',
+             os.path.join(workdir, 'accuracy_vs_label_shift.png'))
+  plot_sweep(results, 'perturbed', sweep_setting, 'perturbed images per test context',
+             os.path.join(workdir, 'accuracy_vs_context_size.png'), log_x=True)
+  plot_sweep(results, 'controls', sweep_setting, 'DMSO controls per test context',
+             os.path.join(workdir, 'accuracy_vs_controls.png'), log_x=True)
+  embedding_path = os.path.join(workdir, 'embedding.csv')
+  if os.path.exists(embedding_path) and class_names is not None:
+    plot_embedding(pd.read_csv(embedding_path), class_names, os.path.join(workdir, 'embedding.png'))
+    text += ('\n## Feature space\n\n![embedding](embedding.png)\n\nPCA of penultimate features '
+             'of held-out images, without adaptation (ERM, running statistics) and with CS-ARM-BN '
+             'adaptation (each plate normalised with its own context and controls).\n')
+  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
+    f.write(text)
+  return text

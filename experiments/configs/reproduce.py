@@ -1,0 +1,51 @@
+"""The reproduction study (experiments/reproduce.py).
+
+  quick: the synthetic quickstart benchmark, small CNN, 3 seeds of one leave-one-source-out fold;
+         about 30 minutes on 2 CPU cores.
+  full:  the 'large' synthetic benchmark (or any store: --config.train.store=...), ResNet-18,
+         every leave-one-source-out fold x 3 seeds; sized for one GPU/TPU host.
+"""
+import ml_collections
+
+from configs import quickstart
+from configs.default import get_config as _default
+
+METHODS = ['erm', 'adabn', 'adabn_controls', 'ben', 'arm_bn', 'cs_arm_bn']
+
+
+def get_config(variant='quick'):
+  if variant not in ('quick', 'full'):
+    raise ValueError(f"variant must be 'quick' or 'full', got {variant!r}")
+  c = ml_collections.ConfigDict()
+  c.methods = METHODS
+  c.seeds = [0, 1, 2]
+  # display name of each setting -> the fold part scored for it (one trained model scores all)
+  c.settings = {'in_domain': 'in_domain', 'unseen_batches': 'unseen_batches',
+                'unseen_source': 'test'}
+  c.sweeps = ml_collections.ConfigDict({
+      'part': 'test',                           # sweeps score the unseen source
+      'label_shift_alphas': [1.0, 0.1, 0.01],   # plus 'balanced' (the default protocol)
+      'perturbed': [1, 4, 16, 64],              # perturbed images per test context
+      'controls': [0, 8, 32, 128],              # DMSO controls per test context
+      'max_images_per_plate': 32,               # sweeps score a fixed subset of each plate
+  })
+  c.embedding = ml_collections.ConfigDict({
+      'methods': ['erm', 'cs_arm_bn'], 'fold': 0, 'seed': 0,
+      'parts': ['test', 'in_domain', 'unseen_batches'], 'max_images_per_plate': 24})
+  if variant == 'quick':
+    c.folds = [0]
+    c.train = quickstart.get_config()
+    c.train.split.update(validation_fraction=0.2, unseen_batches_fraction=0.25,
+                         in_domain_fraction=0.25)
+  else:
+    c.folds = None                              # every leave-one-source-out fold
+    c.train = _default()
+    c.train.store = 'data/large'
+    c.train.synthetic.preset = 'large'
+    c.train.model.name = 'resnet18'
+    c.train.data.update(crop_size=160, num_perturbed=64, num_controls=128, contexts_per_step=8)
+    c.train.split.update(validation_fraction=0.15, unseen_batches_fraction=0.25,
+                         in_domain_fraction=0.15)
+    c.train.train.update(max_epochs=60, patience=10)
+    c.sweeps.max_images_per_plate = 128
+  return c
