@@ -1,0 +1,105 @@
+"""Cross-validation and the reproduction study on a small store: files, columns, resumability, and
+a report computed from results.csv."""
+import os
+import sys
+
+import ml_collections
+import numpy as np
+import pandas as pd
+import pytest
+
+from csarm_jax.evaluation import report, study
+from csarm_jax.training import cross_validation
+from test_train_loop import store_path, tiny_config  # noqa: F401  (fixture)
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
+from configs import reproduce  # noqa: E402
+
+
+def test_cross_validation_runs_every_fold_and_reuses_finished_runs(store_path, tmp_path):
+  config = tiny_config(store_path, 'arm_bn')
+  config.train.update(max_epochs=1, steps_per_epoch=1)
+  runs = cross_validation.run(config, str(tmp_path), folds=[0, 2], seeds=[0])
+  assert set(runs['fold']) == {0, 2} and set(runs['seed']) == {0}
+  assert set(runs['evaluation']) == {'test.chunks', 'in_domain.chunks', 'validation.chunks'}
+  summary = cross_validation.summarize(runs)
+  test = runs[runs['evaluation'] == 'test.chunks']['accuracy']
+  assert summary.loc['test.chunks', ('accuracy', 'mean')] == pytest.approx(test.mean())
+  assert summary.loc['test.chunks', ('accuracy', 'std')] == pytest.approx(test.std(ddof=1))
+  mtime = os.path.getmtime(tmp_path / 'fold0_seed0' / 'results.json')
+  again = cross_validation.run(config, str(tmp_path), folds=[0, 2], seeds=[0])
+  assert os.path.getmtime(tmp_path / 'fold0_seed0' / 'results.json') == mtime
+  pd.testing.assert_frame_equal(again, runs)
+
+
+def test_training_groups_share_a_model_where_only_the_test_rule_differs():
+  groups = study.training_groups(reproduce.METHODS)
+  assert groups == {'erm': ['erm', 'adabn', 'adabn_controls'], 'ben': ['ben'],
+                    'arm_bn': ['arm_bn'], 'cs_arm_bn': ['cs_arm_bn']}
+
+
+@pytest.fixture(scope='module')
+def smoke(store_path, tmp_path_factory):
+  config = reproduce.get_config('quick')
+  config.train = tiny_config(store_path)
+  config.train.train.update(max_epochs=1, steps_per_epoch=2)
+  config.train.split.update(validation_fraction=0.25, unseen_batches_fraction=0.34,
+                            in_domain_fraction=0.5)
+  config.methods = ['erm', 'cs_arm_bn']
+  config.seeds = [0]
+  config.sweeps.update(label_shift_alphas=[0.01], perturbed=[1, 4], controls=[0, 4],
+                       max_images_per_plate=4)
+  config.embedding.max_images_per_plate = 4
+  workdir = str(tmp_path_factory.mktemp('study'))
+  return config, workdir, study.run(config, workdir)
+
+
+def test_study_writes_one_row_per_evaluation(smoke):
+  config, workdir, results = smoke
+  saved = pd.read_csv(os.path.join(workdir, 'results.csv'), dtype={'sweep_value': str})
+  assert list(saved.columns) == list(study.RESULT_COLUMNS)
+  assert len(saved) == len(results)
+  per_method = saved.groupby('method').size()
+  # erm: 3 settings + 1 alpha + 2 context sizes; cs_arm_bn also sweeps 2 control counts
+  assert per_method.to_dict() == {'erm': 6, 'cs_arm_bn': 8}
+  assert set(saved['setting']) == {'in_domain', 'unseen_batches', 'unseen_source'}
+  assert saved['accuracy'].between(0, 1).all()
+  k = saved[(saved['method'] == 'cs_arm_bn') & (saved['sweep'] == 'controls')]
+  assert sorted(k['num_controls']) == [0, 4]
+  assert (saved[saved['method'] == 'erm']['num_controls'] == 0).all()
+
+
+def test_study_resumes_from_its_caches(smoke):
+  config, workdir, results = smoke
+  marker = os.path.join(workdir, 'runs', 'erm', 'fold0_seed0', 'results.json')
+  mtime = os.path.getmtime(marker)
+  again = study.run(config, workdir)
+  assert os.path.getmtime(marker) == mtime
+  pd.testing.assert_frame_equal(again.reset_index(drop=True), results.reset_index(drop=True))
+
+
+def test_report_is_computed_from_results_csv(smoke):
+  config, workdir, _ = smoke
+  path = os.path.join(workdir, 'results.csv')
+  results = pd.read_csv(path, dtype={'sweep_value': str})
+  # Perturb the CSV: the report must follow the file, not any state of the study.
+  results.loc[(results['method'] == 'cs_arm_bn') & (results['setting'] == 'in_domain') &
+              (results['sweep'] == 'none'), 'accuracy'] = 0.4321
+  results.to_csv(path, index=False)
+  text = report.write(workdir, study.paper_numbers(), 'unseen_source', 'python experiments/reproduce.py')
+  assert '0.432 ± 0.000 (n=1)' in text
+  assert os.path.exists(os.path.join(workdir, 'summary.md'))
+  for name in ('accuracy_by_setting', 'accuracy_vs_label_shift', 'accuracy_vs_context_size',
+               'accuracy_vs_controls'):
+    assert os.path.getsize(os.path.join(workdir, f'{name}.png')) > 1000
+  erm_unseen = results[(results['method'] == 'erm') & (results['setting'] == 'unseen_source') &
+                       (results['sweep'] == 'none')]['accuracy'].mean()
+  assert f'{erm_unseen:.3f} ± 0.000 (n=1)' in text
+
+
+def test_embedding_features_cover_the_held_out_parts(smoke):
+  config, workdir, _ = smoke
+  frame = study.embedding_frame(config, workdir, 'cs_arm_bn', 0, 0)
+  features = frame.filter(regex=r'^feature_')
+  assert features.shape[1] == 8 and np.isfinite(features.to_numpy()).all()   # cnn: 4 * 2 channels
+  assert frame['Metadata_Source'].nunique() == 3
