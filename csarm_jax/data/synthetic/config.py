@@ -59,7 +59,7 @@ def _base() -> ml_collections.ConfigDict:
   c.effects.blur_batch_sd = 0.2   # focus: extra blur |N(0, x)| pixels per batch
   c.effects.vignetting = 0.3      # radial illumination fall-off at the corners ~ U(0, x) per source
   c.effects.illumination_plate_sd = 0.06  # sd of a plate's linear illumination tilt
-  c.effects.photons = 300.0       # photons at full scale (Poisson noise); log-sd 0.3 between sources
+  c.effects.photons = 300.0       # photons at full scale (shot noise); log-sd 0.3 between sources
   c.effects.read_noise = 0.01     # Gaussian read-noise sd (full scale 1)
   c.effects.density_batch_sd = 0.1  # log-sd of the cell density between batches (seeding)
   return c

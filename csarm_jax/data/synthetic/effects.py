@@ -5,8 +5,9 @@ here is what CS-ARM-BN's plate context can see and remove. Parameters are drawn 
 the source's value, the batch's deviation, the plate's deviation -- and all scale with
 ``effects.strength``. ``apply`` images a clean float image:
 
-  bleed-through (5x5 channel mixing) -> illumination (vignetting x plate tilt) -> blur (Gaussian PSF)
-  -> per-channel gain and offset -> per-channel gamma -> shot + read noise -> clip to [0, 1].
+  bleed-through (5x5 channel mixing) -> illumination (vignetting x plate tilt)
+  -> blur (Gaussian PSF) -> per-channel gain and offset -> per-channel gamma
+  -> shot + read noise -> clip to [0, 1].
 """
 from __future__ import annotations
 
@@ -66,18 +67,19 @@ def plate_acquisition(config: ml_collections.ConfigDict, seed: int, s: int, b: i
   photon_jitter = np.exp(src.normal(0, 0.3))
   photons = e.photons * photon_jitter / k ** 2 if k > 0 else np.inf
   density = np.exp(bat.normal(0, k * e.density_batch_sd))
-  return Acquisition(gain=np.exp(log_gain), offset=offset, gamma=gamma, bleed=bleed, blur=float(blur),
-                     illumination=np.clip(field, 0.05, None).astype(np.float32),
-                     photons=float(photons), read_noise=k * e.read_noise,
-                     density=float(density))
+  return Acquisition(gain=np.exp(log_gain), offset=offset, gamma=gamma, bleed=bleed,
+                     blur=float(blur), illumination=np.clip(field, 0.05, None).astype(np.float32),
+                     photons=float(photons), read_noise=k * e.read_noise, density=float(density))
 
 
 def site_acquisition(config: ml_collections.ConfigDict, seed: int, s: int, b: int, p: int,
                      site: int, plate: Acquisition | None = None) -> Acquisition:
   """The plate's acquisition (given, or drawn) with the exposure jitter of site position ``site``."""
-  plate = plate or plate_acquisition(config, seed, s, b, p)
+  if plate is None:
+    plate = plate_acquisition(config, seed, s, b, p)
   e = config.effects
-  jitter = keys.rng(seed, keys.SITE, s, b, p, site).normal(0, e.strength * e.gain_site_sd, NUM_CHANNELS)
+  jitter = keys.rng(seed, keys.SITE, s, b, p, site).normal(0, e.strength * e.gain_site_sd,
+                                                           NUM_CHANNELS)
   return dataclasses.replace(plate, gain=plate.gain * np.exp(jitter))
 
 
@@ -87,7 +89,8 @@ def apply(clean: np.ndarray, acq: Acquisition, rng: np.random.Generator) -> np.n
   x *= acq.illumination
   if acq.blur > 0.05:
     x = ndimage.gaussian_filter(x, (acq.blur, acq.blur, 0), mode='reflect')
-  x = np.maximum(x * acq.gain + acq.offset, 0) ** acq.gamma
-  if np.isfinite(acq.photons):
-    x = x + np.sqrt(x / acq.photons + acq.read_noise ** 2) * rng.standard_normal(x.shape)
-  return np.clip(x, 0, 1).astype(np.float32)
+  f32 = lambda a: np.asarray(a, np.float32)
+  x = np.maximum(x * f32(acq.gain) + f32(acq.offset), 0) ** f32(acq.gamma)
+  if np.isfinite(acq.photons):    # shot noise (Gaussian approximation of Poisson) + read noise
+    x += np.sqrt(x / acq.photons + acq.read_noise ** 2) * rng.standard_normal(x.shape, np.float32)
+  return np.clip(x, 0, 1)

@@ -117,8 +117,9 @@ def render_cells(params: dict[str, float], cells: ml_collections.ConfigDict, siz
   distance = np.sqrt((u / a_cell[:, None, None]) ** 2 + (v / b_cell[:, None, None]) ** 2)
   own = np.argmin(distance, axis=0)
   d1 = np.take_along_axis(distance, own[None], 0)[0]
-  d2 = np.partition(distance, 1, axis=0)[1] if n > 1 else np.full_like(d1, np.inf)
   u_own, v_own = np.take_along_axis(u, own[None], 0)[0], np.take_along_axis(v, own[None], 0)[0]
+  np.put_along_axis(distance, own[None], np.inf, 0)
+  d2 = distance.min(axis=0)                                        # the runner-up cell's distance
 
   un, vn = u_own - f32(offset[:, 0])[own], v_own - f32(offset[:, 1])[own]
   d_nucleus = np.minimum(np.hypot((un - separation[own]) / a_nuc[own], vn / b_nuc[own]),
