@@ -106,6 +106,8 @@ def test_controls_vary_more_between_sources_than_between_plates(tmp_path):
   config = _tiny(**{'layout.num_sources': 4, 'layout.sites_per_well': 1, 'cells.per_site': 4.0})
   synthetic.generate(config, str(tmp_path), seed=3, workers=1, progress=False)
   images, t = _contents(tmp_path)
+  assert t['Metadata_Plate'].str.isdigit().any()        # the 4th source's all-digit plate IDs ...
+  assert t['Metadata_Plate'].map(type).eq(str).all()    # ... stay strings through the store
   controls = t[t['is_control']]
   plate_means = controls.groupby('Metadata_Plate')['row'].apply(
       lambda rows: np.log(images[rows.to_numpy()].mean((0, 1, 2)) + 1.0))
