@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from csarm_jax import data
+from csarm_jax.data import store as store_lib
 from csarm_jax.data import synthetic
 from csarm_jax.data.synthetic import effects, layout, writer
 
@@ -48,7 +49,7 @@ def test_store_hierarchy_ids_and_layout(tiny):
   t = store.table
   assert store.item_shape == (32, 32, 5) and store.channels == list(data.CHANNELS)
   assert store.class_ids == [i for i, _ in data.POSITIVE_CONTROLS]
-  for col in ('Metadata_Source', 'Metadata_Batch', 'Metadata_Plate', 'Metadata_Well', 'Metadata_Site'):
+  for col in store_lib.ID_COLUMNS:
     assert t[col].map(type).eq(str).all(), col
   assert (t['Metadata_PlateType'] == 'COMPOUND').all()
   assert t.groupby('Metadata_Source')['Metadata_Batch'].nunique().eq(2).all()
@@ -71,7 +72,8 @@ def test_store_hierarchy_ids_and_layout(tiny):
 
 def test_wells_are_jump_style():
   assert layout.well_id(0) == 'A01' and layout.well_id(383) == 'P24' and layout.well_id(24) == 'B01'
-  assert [layout.well_id(w) for w in layout.positive_control_wells(34)][15:18] == ['P01', 'A24', 'B24']
+  spill = [layout.well_id(w) for w in layout.positive_control_wells(34)][15:]
+  assert spill == ['P01', 'A24', 'B24'] + [f'{r}24' for r in 'CDEFGHIJKLMNOP'] + ['A02', 'B02']
   taken = layout.positive_control_wells(32)
   dmso = layout.control_wells(64, taken)
   assert len(set(dmso)) == 64 and not set(dmso) & set(taken)

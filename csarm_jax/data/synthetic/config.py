@@ -135,7 +135,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.image_size >= 16, 'image_size', 'must be >= 16 pixels'),
       (config.dtype in ('uint8', 'uint16'), 'dtype', "must be 'uint8' or 'uint16'"),
       (config.shard_items >= 1, 'shard_items', 'must be >= 1'),
-      (layout.NUM_CLASSES * lay.wells_per_class + lay.control_wells <= len(layout.ROWS) * layout.COLS,
+      (layout.NUM_CLASSES * lay.wells_per_class + lay.control_wells
+       <= len(layout.ROWS) * layout.COLS,
        'layout.control_wells', f'{layout.NUM_CLASSES} x wells_per_class + control_wells must fit '
        'a 384-well plate'),
       (config.cells.cell_to_nucleus >= 1, 'cells.cell_to_nucleus', 'must be >= 1'),

@@ -19,7 +19,8 @@ def phenotype_strength(config: ml_collections.ConfigDict, seed: int, source: int
   c = config.cells
   source_factor = keys.rng(seed, keys.SOURCE_BIOLOGY, source).uniform(1 - c.source_effect,
                                                                        1 + c.source_effect)
-  well_factor = np.exp(keys.rng(seed, keys.WELL, source, batch, plate, well).normal(0, c.well_effect_sd))
+  well_rng = keys.rng(seed, keys.WELL, source, batch, plate, well)
+  well_factor = np.exp(well_rng.normal(0, c.well_effect_sd))
   return float(c.phenotype_strength * source_factor * well_factor)
 
 

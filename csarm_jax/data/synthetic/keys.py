@@ -12,4 +12,5 @@ LAYOUT, SOURCE, BATCH, PLATE, SITE, WELL, IMAGE, SOURCE_BIOLOGY = range(8)
 
 
 def rng(seed: int, stream: int, *key: int) -> np.random.Generator:
-  return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(stream, *map(int, key))))
+  sequence = np.random.SeedSequence(int(seed), spawn_key=(stream, *map(int, key)))
+  return np.random.default_rng(sequence)

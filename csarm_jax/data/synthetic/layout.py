@@ -57,18 +57,19 @@ def plate_name(s: int, b: int, number: int) -> str:
           f'{1053601756 + number}')[s % 4]
 
 
-def plate_classes(layout: ml_collections.ConfigDict, seed: int, s: int, b: int, p: int) -> np.ndarray:
-  """The class of each positive-control well of a plate, in ``positive_control_wells`` order.
+def plate_classes(plan: ml_collections.ConfigDict, seed: int, s: int, b: int, p: int) -> np.ndarray:
+  """The class of each positive-control well of a plate (``plan``: config.layout), in
+  ``positive_control_wells`` order.
 
   Balanced plates share their source's layout (each class ``wells_per_class`` times); with
   ``label_shift_alpha > 0`` each plate draws its class mix from Dirichlet(alpha).
   """
-  count = NUM_CLASSES * layout.wells_per_class
-  if layout.label_shift_alpha > 0:
+  count = NUM_CLASSES * plan.wells_per_class
+  if plan.label_shift_alpha > 0:
     rng = keys.rng(seed, keys.LAYOUT, s, b, p)
-    mix = rng.dirichlet(np.full(NUM_CLASSES, float(layout.label_shift_alpha)))
+    mix = rng.dirichlet(np.full(NUM_CLASSES, float(plan.label_shift_alpha)))
     return rng.permutation(np.repeat(np.arange(NUM_CLASSES), rng.multinomial(count, mix)))
-  balanced = np.repeat(np.arange(NUM_CLASSES), layout.wells_per_class)
+  balanced = np.repeat(np.arange(NUM_CLASSES), plan.wells_per_class)
   return keys.rng(seed, keys.LAYOUT, s).permutation(balanced)
 
 
@@ -98,7 +99,8 @@ def build_table(config: ml_collections.ConfigDict, seed: int) -> pd.DataFrame:
         number += 1
   table = pd.concat(plates, ignore_index=True)
   ids = np.array([constants.CONTROL_ID] + [i for i, _ in constants.POSITIVE_CONTROLS], dtype=object)
-  names = np.array([constants.CONTROL_NAME] + [n for _, n in constants.POSITIVE_CONTROLS], dtype=object)
+  names = np.array([constants.CONTROL_NAME] + [n for _, n in constants.POSITIVE_CONTROLS],
+                   dtype=object)
   table['Metadata_JCP2022'] = ids[table['label'] + 1]
   table['Metadata_Compound'] = names[table['label'] + 1]
   table['Metadata_PlateType'] = 'COMPOUND'

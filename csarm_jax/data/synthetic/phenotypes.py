@@ -34,9 +34,10 @@ CLASSES = (
     {'cell': 1.3, 'agp_ring': 0.4},                                 # dexamethasone: large flat cells
     {'agp_fibres': 0.1, 'cell_elong': 0.1, 'nucleus_elong': 0.3},   # LY2109761: round, no fibres
     {'nucleus': 1.35, 'binucleate': 0.6, 'count': 0.6},             # AMG900: big, 2 nuclei, fewer
-    {'count': 0.65, 'mito': 0.45, 'mito_scale': 0.5},               # FK-866: fewer, dim fragmented Mito
+    {'count': 0.65, 'mito': 0.45, 'mito_scale': 0.5},               # FK-866: fewer cells, dim
+                                                                    # fragmented Mito
     {'vacuoles': 3.0, 'er': 0.8},                                   # quinidine: vacuoles
-    {'cell_elong': 3.5, 'protrusions': 1.0},                        # NVS-PAK1-1: elongated, protrusions
+    {'cell_elong': 3.5, 'protrusions': 1.0},                        # NVS-PAK1-1: elongated
     {'vesicles': 1.0},                                              # aloxistatin: ER/AGP vesicles
 )
 

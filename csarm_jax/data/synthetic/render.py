@@ -21,7 +21,7 @@ FIBRE_ANGLES = np.linspace(0, np.pi, 4, endpoint=False)    # stress-fibre orient
 
 @functools.lru_cache(maxsize=64)
 def _kernel(size: int, scale: float, anisotropy: float = 1.0, angle: float = 0.0) -> np.ndarray:
-  """Fourier transform of a Gaussian with sd ``scale`` px, ``anisotropy`` times longer along ``angle``."""
+  """Fourier transform of a Gaussian, sd ``scale`` px (``anisotropy`` x longer along ``angle``)."""
   fy, fx = np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :]
   along, across = fx * np.cos(angle) + fy * np.sin(angle), -fx * np.sin(angle) + fy * np.cos(angle)
   return np.exp(-2 * np.pi ** 2 * ((scale * anisotropy * along) ** 2 + (scale * across) ** 2)
@@ -43,7 +43,7 @@ def _fields(rng: np.random.Generator, size: int,
 
 
 def _spots(points: np.ndarray, size: int, sigma: float) -> np.ndarray:
-  """Gaussian spots of peak ~1 at ``points`` (K, 2) as (y, x); those outside the image are dropped."""
+  """Gaussian spots of peak ~1 at ``points`` (K, 2) as (y, x); points outside are dropped."""
   image = np.zeros((size, size), np.float32)
   idx = np.round(points).astype(int)
   inside = ((idx >= 0) & (idx < size)).all(axis=1)
@@ -147,21 +147,23 @@ def render_cells(params: dict[str, float], cells: ml_collections.ConfigDict, siz
   holes = (_spots(_in_cells(rng, rng.poisson(params['vacuoles'], n), centre, (a_cell, b_cell), cos,
                             sin, 0.55, 0.85), size, 0.4 * r_nucleus) if params['vacuoles'] > 0.01
            else 0.0)
-  vesicles = (params['vesicles'] * _spots(_in_cells(rng, rng.poisson(8, n), centre, (a_cell, b_cell),
-                                                    cos, sin, 0.3, 0.95), size, 0.18 * r_nucleus)
+  vesicles = (params['vesicles'] * _spots(_in_cells(rng, rng.poisson(8, n), centre,
+                                                    (a_cell, b_cell), cos, sin, 0.3, 0.95),
+                                          size, 0.18 * r_nucleus)
               if params['vesicles'] > 0.01 else 0.0)
   poles = (u_own / (a_cell[own] * d1 + 1e-6)) ** 4
   protrusions = params['protrusions'] * poles * np.exp(-((d1 - 1.25) / 0.2) ** 2) * (0.3 + fibres)
 
   s = stain[own]
   dna = 0.6 * params['dna'] * s[..., 0] * nucleus * np.maximum(1 + 0.25 * chromatin, 0)
-  er = (0.4 * params['er'] * s[..., 1] * (cytoplasm * perinuclear * np.maximum(1 + 0.4 * reticulum, 0)
-                                           + 0.15 * nucleus) * (1 - 0.9 * holes)
-        + 0.6 * vesicles * cell)
+  er = (0.4 * params['er'] * s[..., 1]
+        * (cytoplasm * perinuclear * np.maximum(1 + 0.4 * reticulum, 0) + 0.15 * nucleus)
+        * (1 - 0.9 * holes) + 0.6 * vesicles * cell)
   rna = 0.35 * params['rna'] * s[..., 2] * (nucleus * (0.3 + 1.5 * nucleoli)
                                             + 0.35 * cytoplasm * perinuclear) * (1 - 0.9 * holes)
   agp = (0.45 * s[..., 3] * (params['agp_ring'] * boundary
-                             + 0.35 * params['agp_fibres'] * cytoplasm * fibres + 0.6 * golgi * cell)
+                             + 0.35 * params['agp_fibres'] * cytoplasm * fibres
+                             + 0.6 * golgi * cell)
          + 0.6 * vesicles * cell + 0.45 * protrusions)
   mito = (0.6 * params['mito'] * s[..., 4] * cytoplasm * perinuclear
           * (0.25 + np.maximum(mito_net + 0.3, 0)))
