@@ -27,6 +27,7 @@ setup(
         'pyarrow>=16.0',
         'tifffile>=2024.8.0',
         'scikit-learn>=1.5',
+        'scipy>=1.11',
         'matplotlib>=3.9',
         'tqdm>=4.66',
         'tensorboardX>=2.6',

@@ -54,7 +54,7 @@ def test_store_hierarchy_ids_and_layout(tiny):
   assert (t['Metadata_PlateType'] == 'COMPOUND').all()
   assert t.groupby('Metadata_Source')['Metadata_Batch'].nunique().eq(2).all()
   assert t.groupby('Metadata_Batch')['Metadata_Plate'].nunique().eq(2).all()
-  assert t['Metadata_Source'].nunique() == 2
+  assert t['Metadata_Source'].nunique() == 3
   assert t['Metadata_Well'].str.fullmatch(r'[A-P](0[1-9]|1\d|2[0-4])').all()
   assert t.groupby(['Metadata_Plate', 'Metadata_Well'])['Metadata_Site'].nunique().eq(2).all()
   poscon = t[~t['is_control']]
@@ -190,12 +190,12 @@ def test_cli_on_tiny_with_an_override(tmp_path):
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, 'data_prep', 'make_synthetic.py'), '--preset=tiny',
-       f'--out={out}', '--seed=2', '--workers=1', '--layout.num_sources=3', '--effects.strength=0.5'],
+       f'--out={out}', '--seed=2', '--workers=1', '--layout.num_sources=4', '--effects.strength=0.5'],
       capture_output=True, text=True, env=env, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   store = data.open_store(str(out))
-  assert store.table['Metadata_Source'].nunique() == 3
+  assert store.table['Metadata_Source'].nunique() == 4
   config = store.manifest['created_by']['config']
-  assert config['layout']['num_sources'] == 3 and config['effects']['strength'] == 0.5
+  assert config['layout']['num_sources'] == 4 and config['effects']['strength'] == 0.5
   assert config['image_size'] == 32 and store.manifest['created_by']['seed'] == 2
   assert re.search(r'overrides .*layout\.num_sources', result.stdout)

@@ -25,8 +25,8 @@ def _base() -> ml_collections.ConfigDict:
 
   c.layout = ml_collections.ConfigDict()
   c.layout.num_sources = 3        # labs (source_1, source_2, ...); leave-one-source-out needs >= 3
-  c.layout.batches_per_source = 2   # acquisition batches per source
-  c.layout.plates_per_batch = 4   # 384-well COMPOUND plates per batch
+  c.layout.batches_per_source = 3   # acquisition batches per source
+  c.layout.plates_per_batch = 3   # 384-well COMPOUND plates per batch
   c.layout.wells_per_class = 4    # wells of each positive control per plate (JUMP: 4, columns 01/24)
   c.layout.control_wells = 16     # DMSO wells per plate (JUMP compound plates: ~16-32)
   c.layout.sites_per_well = 4     # imaged sites (fields of view) per well
@@ -74,7 +74,7 @@ def preset(name: str) -> ml_collections.ConfigDict:
   if name == 'tiny':               # seconds to build: tests
     c.image_size = 32
     c.shard_items = 16
-    c.layout.num_sources = 2
+    c.layout.num_sources = 3        # leave-one-source-out keeps 2 training labs
     c.layout.batches_per_source = 2
     c.layout.plates_per_batch = 2
     c.layout.wells_per_class = 1
