@@ -11,6 +11,7 @@ the best state is evaluated on every held-out part and metrics are written to th
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
 import signal
@@ -33,6 +34,16 @@ from csarm_jax.training.metrics_log import MetricsLog
 from csarm_jax.training.state import TrainState, create_state
 from csarm_jax.training.step import (compile_eval_step, compile_train_step, make_eval_step,
                                      make_train_step)
+
+
+def quiet_library_logs() -> None:
+  """Drops orbax's per-save INFO lines (dozens per checkpoint) so progress stays readable."""
+  from absl import logging as absl_logging
+  handler = absl_logging.get_absl_handler()
+  if not any(getattr(f, 'csarm_quiet', False) for f in handler.filters):
+    drop = lambda record: record.levelno > std_logging.INFO or '/orbax/' not in record.pathname
+    drop.csarm_quiet = True
+    handler.addFilter(drop)
 
 
 class Preempted(Exception):
@@ -259,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id,
                                         enabled=d.enabled)
   os.makedirs(workdir, exist_ok=True)
+  quiet_library_logs()
   exp = experiment.build(config, workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:

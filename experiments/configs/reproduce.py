@@ -35,8 +35,9 @@ def get_config(variant='quick'):
   if variant == 'quick':
     c.folds = [0]
     c.train = quickstart.get_config()
-    c.train.split.update(validation_fraction=0.2, unseen_batches_fraction=0.25,
-                         in_domain_fraction=0.25)
+    c.train.split.update(validation_fraction=0.15, unseen_batches_fraction=0.2,
+                         in_domain_fraction=0.1)
+    c.train.train.max_epochs = 10
   else:
     c.folds = None                              # every leave-one-source-out fold
     c.train = _default()
