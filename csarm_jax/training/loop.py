@@ -288,5 +288,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(final, f, indent=1)
-    print(f'\n{exp.method.name} | {exp.fold.description}\n{summary_table(results)}', flush=True)
+    if results:
+      print(f'\n{exp.method.name} | {exp.fold.description}\n{summary_table(results)}', flush=True)
   return final

@@ -18,11 +18,12 @@ def get_config(variant=None):
   c.synthetic.preset = 'quickstart'
   c.model.name = 'cnn'
   c.model.options = {'width': 16}
-  c.data.update(crop_size=48, num_perturbed=32, num_controls=32, contexts_per_step=2,
+  # Twice as many controls as perturbed images per context, as the paper's 64 + 128.
+  c.data.update(crop_size=48, num_perturbed=32, num_controls=64, contexts_per_step=2,
                 num_threads=2)
   c.split.update(kind='source', fold=0, validation_by='batch', validation_fraction=0.15,
                  in_domain_fraction=0.1)
   c.optimizer.learning_rate = 1e-3
   c.train.update(max_epochs=20, patience=5, log_every_steps=20, checkpoint_every_steps=100)
-  c.eval.update(num_perturbed=32, num_controls=32, contexts_per_step=8)
+  c.eval.update(num_perturbed=32, num_controls=64, contexts_per_step=8)
   return c
