@@ -30,10 +30,11 @@ from csarm_jax.data import normalization, pipeline
 from csarm_jax.data.store import ImageStore
 from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
-from csarm_jax.training import checkpoint, sharding
+from csarm_jax import parallel
+from csarm_jax.training import checkpoint
 from csarm_jax.training.experiment import make_optimizer
-from csarm_jax.training.state import create_state
-from csarm_jax.training.step import compile_eval_step, make_eval_step
+from csarm_jax.training.state import abstract_state
+from csarm_jax.evaluation.step import compiled_eval_step
 
 FORMAT_VERSION = 1
 SPEC, NORMALIZATION, CONFIG, FOLD = 'model.json', 'normalization.json', 'config.json', 'fold.json'
@@ -96,18 +97,15 @@ def export(workdir: str, out: str, which: str = checkpoint.BEST) -> str:
   crop = spec['crop_size']
   example = (jnp.zeros((2, spec['model']['options']['in_features'])) if spec['store_kind'] == 'features'
              else jnp.zeros((2, crop, crop, len(spec['channels']))))
-  shapes = jax.eval_shape(lambda: create_state(model, tx, jax.random.key(0), example))
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = abstract_state(model, tx, example, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   ckpt = checkpoint.Checkpoints(workdir)
   try:
-    if ckpt.latest_step(which) is None:
-      which = checkpoint.LATEST
-    restored = ckpt.restore(which, checkpoint.abstract_like(shapes, cpu))
-    if restored is None:
-      raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export')
-    state, _, meta = restored
+    restored = ckpt.restore_selected(target, prefer_best=which == checkpoint.BEST)
   finally:
     ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export')
+  state, _, meta, which = restored
   os.makedirs(out, exist_ok=True)
   variables_dir = os.path.join(os.path.abspath(out), VARIABLES)
   with ocp.StandardCheckpointer() as saver:
@@ -157,8 +155,8 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
     raise ValueError('no exported model given')
   spec = _check_compatible(members, store)
   plates = sorted(store.table['Metadata_Plate'].unique()) if plates is None else list(plates)
-  mesh = sharding.make_mesh()
-  sharding.check_contexts_divide(contexts_per_step, mesh, 'contexts_per_step')
+  mesh = parallel.make_mesh()
+  parallel.check_contexts_divide(contexts_per_step, mesh, 'contexts_per_step')
   e, num_classes = spec['eval'], len(spec['classes'])
   probs, frame = None, None
   for m in members:
@@ -168,7 +166,7 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
         contexts_per_batch=contexts_per_step, crop_size=spec['crop_size'], seed=e['seed'],
         require_labels=False, process_index=jax.process_index(),
         process_count=jax.process_count())
-    eval_step = compile_eval_step(make_eval_step(m.model, m.method, m.preprocess), mesh)
+    eval_step = compiled_eval_step(m.model, m.method, m.preprocess, mesh)
     member_frame, _, _ = protocol.run_contexts(store, mesh, eval_step, m.variables, batches)
     p = member_frame[metrics_lib.prob_columns(num_classes)].to_numpy()
     if frame is None:

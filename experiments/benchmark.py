@@ -61,7 +61,7 @@ def _setup():
   import jax
   import jax.numpy as jnp
   import optax
-  from csarm_jax import methods, models, training
+  from csarm_jax import methods, models, parallel, training
 
   options = dict(in_channels=_CHANNELS.value, dtype=_DTYPE.value)
   if _MODEL.value != 'mlp':
@@ -69,10 +69,10 @@ def _setup():
   model = models.create(_MODEL.value, 8, **options)
   method = methods.get(_METHOD.value)
   tx = optax.adam(1e-3)
-  mesh = training.make_mesh()
-  training.sharding.check_contexts_divide(_CONTEXTS.value, mesh, '--contexts')
+  mesh = parallel.make_mesh()
+  parallel.check_contexts_divide(_CONTEXTS.value, mesh, '--contexts')
   size, ch = _IMAGE_SIZE.value, _CHANNELS.value
-  state = training.replicate(
+  state = parallel.replicate(
       training.create_state(model, tx, jax.random.key(0), jnp.zeros((2, size, size, ch))), mesh)
   preprocess = lambda x: x.astype(jnp.float32) / 255.0
   step = training.compile_train_step(training.make_train_step(model, method, tx, preprocess), mesh)
@@ -86,13 +86,13 @@ def _shapes() -> dict[str, Any]:
 
 def _random_batch(mesh):
   import numpy as np
-  from csarm_jax import training
+  from csarm_jax import parallel
   c, n, k, size, ch = (_CONTEXTS.value, _PERTURBED.value, _CONTROLS.value, _IMAGE_SIZE.value,
                        _CHANNELS.value)
   rng = np.random.default_rng(0)
   labels = np.full((c, n + k), -1, np.int32)
   labels[:, :n] = rng.integers(0, 8, (c, n))
-  return training.global_batch({
+  return parallel.global_batch({
       'images': rng.integers(0, 256, (c, n + k, size, size, ch), dtype=np.uint8), 'labels': labels,
       'mask': np.ones((c, n + k), np.float32),
       'is_control': np.arange(n + k)[None].repeat(c, 0) >= n}, mesh)
@@ -163,7 +163,7 @@ def train_benchmark() -> dict[str, Any]:
   """
   import jax
   import benchmark_loader
-  from csarm_jax import data, training
+  from csarm_jax import data, parallel
 
   model, method, mesh, state, step = _setup()
   root = tempfile.mkdtemp(prefix='csarm_train_bench_')
@@ -180,7 +180,7 @@ def train_benchmark() -> dict[str, Any]:
     wait, total = [], []
     for i in range(_STEPS.value + 1):
       start = time.perf_counter()
-      batch = training.global_batch(next(batches), mesh)
+      batch = parallel.global_batch(next(batches), mesh)
       fetched = time.perf_counter()
       state, metrics = step(state, batch)
       jax.block_until_ready(metrics['loss'])

@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from sklearn.decomposition import PCA
 
-from csarm_jax.evaluation import report, study
+from csarm_jax.study import report, runner as study
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Study config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where runs, results and the report go.')

@@ -14,3 +14,12 @@ jax.config.update('jax_disable_most_optimizations', True)
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()   # library code reading absl flags outside app.run (grain workers)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def store_path(tmp_path_factory):
+  """A small three-lab image store (see run_fixture.write_run_store)."""
+  from run_fixture import write_run_store
+  return write_run_store(tmp_path_factory.mktemp('store'))

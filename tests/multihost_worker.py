@@ -10,19 +10,19 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ['CSARM_DISTRIBUTED'] = '1'
 sys.path.insert(0, os.path.dirname(__file__))
 
-from csarm_jax import training  # noqa: E402
+from csarm_jax import parallel  # noqa: E402
 
 
 def main(process_id, num_processes, port, out):
-  training.maybe_initialize_distributed(f'localhost:{port}', num_processes, process_id)
+  parallel.maybe_initialize_distributed(f'localhost:{port}', num_processes, process_id)
   import jax
   import numpy as np
   from step_fixture import make_batch, run_steps
 
-  mesh = training.make_mesh()
+  mesh = parallel.make_mesh()
   assert jax.process_count() == num_processes and mesh.size == 2 * num_processes
   # Each process feeds only its own share of every global batch.
-  share = lambda b: {k: v[training.sharding.local_share(8, mesh)] for k, v in b.items()}
+  share = lambda b: {k: v[parallel.local_share(8, mesh)] for k, v in b.items()}
   batches = [share(make_batch(num_contexts=8, seed=s)) for s in range(2)]
   state, metrics = run_steps('cs_arm_bn', mesh, batches)
   if jax.process_index() == 0:

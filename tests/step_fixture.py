@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from csarm_jax import methods, models, training
+from csarm_jax import methods, models, parallel, training
 
 H, CLASSES = 8, 3
 
@@ -44,7 +44,7 @@ def run_steps(method, mesh, batches, tx=None):
   """Runs the compiled, sharded step over `batches` (numpy, global) on `mesh`; returns the state."""
   model, tx, state, step = make(method, tx)
   compiled = training.compile_train_step(step, mesh)
-  state = training.replicate(state, mesh)
+  state = parallel.replicate(state, mesh)
   for batch in batches:
-    state, metrics = compiled(state, training.global_batch(batch, mesh))
+    state, metrics = compiled(state, parallel.global_batch(batch, mesh))
   return jax.device_get(state), jax.device_get(metrics)

@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 
-from csarm_jax import training
+from csarm_jax import parallel
 from step_fixture import make_batch, run_steps
 
 
@@ -27,7 +27,7 @@ def test_two_processes_equal_one(tmp_path):
   assert all(p.returncode == 0 for p in procs), '\n'.join(logs)
 
   batches = [make_batch(num_contexts=8, seed=s) for s in range(2)]
-  state, metrics = run_steps('cs_arm_bn', training.make_mesh(), batches)
+  state, metrics = run_steps('cs_arm_bn', parallel.make_mesh(), batches)
   result = np.load(out)
   leaves = jax.tree.leaves(state.params)
   assert len(result.files) == len(leaves) + 1

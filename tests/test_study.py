@@ -3,14 +3,13 @@ a report computed from results.csv."""
 import os
 import sys
 
-import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
 
-from csarm_jax.evaluation import report, study
+from csarm_jax.study import report, runner as study
 from csarm_jax.training import cross_validation
-from test_train_loop import store_path, tiny_config  # noqa: F401  (fixture)
+from run_fixture import tiny_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
 from configs import reproduce  # noqa: E402

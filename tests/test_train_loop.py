@@ -3,7 +3,6 @@ export and ensemble prediction."""
 import json
 import os
 import signal
-import sys
 
 import chex
 import jax
@@ -15,46 +14,21 @@ import pytest
 from csarm_jax import inference
 from csarm_jax.data import open_store
 from csarm_jax.training import checkpoint, experiment, loop
-from csarm_jax.training.state import create_state
-from store_fixture import write_store
+from csarm_jax.training.state import abstract_state
+from run_fixture import tiny_config
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
-from configs import default as default_config  # noqa: E402
-
-
-@pytest.fixture(scope='module')
-def store_path(tmp_path_factory):
-  path = tmp_path_factory.mktemp('store')
-  write_store(path, sources=('source_1', 'source_2', 'source_3'), batches_per_source=2,
-              plates_per_batch=2, perturbed_per_plate=8, controls_per_plate=6, item_shape=(12, 12, 5))
-  return str(path)
-
-
-def tiny_config(store_path, method='cs_arm_bn'):
-  c = default_config.get_config()
-  c.method = method
-  c.store = store_path
-  c.model.name, c.model.options = 'cnn', {'width': 4, 'num_stages': 2}
-  c.data.update(crop_size=8, num_perturbed=4, num_controls=4, contexts_per_step=4, num_threads=1)
-  c.split.update(kind='source', fold=0, validation_fraction=0.25, in_domain_fraction=0.34)
-  c.optimizer.learning_rate = 1e-2
-  c.train.update(max_epochs=3, steps_per_epoch=2, log_every_steps=1, checkpoint_every_steps=1,
-                 patience=5)
-  c.eval.update(num_perturbed=4, num_controls=4, contexts_per_step=4)
-  return c
 
 
 def _params(workdir, config):
   """The parameters of the newest ``latest`` checkpoint of a run."""
   exp = experiment.build(config, workdir)
-  shapes = jax.eval_shape(lambda: create_state(exp.model, exp.tx, jax.random.key(0), exp.example_input))
+  target = abstract_state(exp.model, exp.tx, exp.example_input,
+                          jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   ckpt = checkpoint.Checkpoints(workdir)
   try:
-    state = ckpt.restore(checkpoint.LATEST, checkpoint.abstract_like(
-        shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0])))[0]
+    return ckpt.restore_selected(target, prefer_best=False)[0]
   finally:
     ckpt.close()
-  return state
 
 
 @pytest.fixture(scope='module')

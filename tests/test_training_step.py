@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import csarm_jax as cj
-from csarm_jax import methods, training
+from csarm_jax import methods, parallel
+from csarm_jax.evaluation.step import make_eval_step
 from csarm_jax.nn import RUNNING_STATS
 from step_fixture import make, make_batch, preprocess, run_steps
 
@@ -53,7 +54,7 @@ def test_ben_normalises_with_the_controls_statistics_only():
   model, _, state, _ = make('ben')
   batch = make_batch(num_contexts=1)
   x = preprocess(jnp.asarray(batch['images'][0]))
-  evaluate = training.make_eval_step(model, methods.BEN, preprocess)
+  evaluate = make_eval_step(model, methods.BEN, preprocess)
   logits = evaluate(state.variables, jax.tree.map(jnp.asarray, batch))['logits'][0]
   controls = x[4:6]
   expected = cj.adapt_and_predict(model, state.variables, controls, x[:4])
@@ -80,8 +81,8 @@ def test_erm_trains_running_averages_as_the_mean_over_contexts():
 def test_sharded_update_equals_single_device_update():
   assert jax.device_count() == 4
   batches = [make_batch(num_contexts=8, seed=s) for s in range(2)]
-  one, m1 = run_steps('cs_arm_bn', training.make_mesh(jax.devices()[:1]), batches)
-  four, m4 = run_steps('cs_arm_bn', training.make_mesh(), batches)
+  one, m1 = run_steps('cs_arm_bn', parallel.make_mesh(jax.devices()[:1]), batches)
+  four, m4 = run_steps('cs_arm_bn', parallel.make_mesh(), batches)
   chex.assert_trees_all_close(four.params, one.params, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(four.opt_state, one.opt_state, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-6)
@@ -89,4 +90,4 @@ def test_sharded_update_equals_single_device_update():
 
 def test_contexts_must_divide_across_devices():
   with pytest.raises(ValueError, match='contexts_per_step=6 must be a multiple'):
-    training.sharding.check_contexts_divide(6, training.make_mesh())
+    parallel.check_contexts_divide(6, parallel.make_mesh())

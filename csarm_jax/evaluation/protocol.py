@@ -21,7 +21,7 @@ import csarm_jax as cj
 from csarm_jax.data import pipeline
 from csarm_jax.evaluation.metrics import prob_columns
 from csarm_jax.nn import RUNNING
-from csarm_jax.training import sharding
+from csarm_jax import parallel
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -68,11 +68,11 @@ def run_contexts(store, mesh, eval_step, variables, batches: Iterable[dict[str, 
   loss_sum, labelled, offset = 0.0, 0, 0
   for local in batches:
     local = {**local, 'rows': np.asarray(local['rows'], np.int32)}
-    out = eval_step(variables, sharding.global_batch(local, mesh))
+    out = eval_step(variables, parallel.global_batch(local, mesh))
     gathered = multihost_utils.process_allgather(
         {**out,
-         'rows': sharding.global_batch({'r': local['rows']}, mesh)['r'],
-         'keep': sharding.global_batch({'k': (local['mask'] > 0) & ~local['is_control']}, mesh)['k']},
+         'rows': parallel.global_batch({'r': local['rows']}, mesh)['r'],
+         'keep': parallel.global_batch({'k': (local['mask'] > 0) & ~local['is_control']}, mesh)['k']},
         tiled=True)
     keep = np.asarray(gathered['keep']) & (np.asarray(gathered['rows']) >= 0)
     num_contexts = keep.shape[0]

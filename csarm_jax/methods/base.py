@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 
-from csarm_jax.nn import CONTEXT, RUNNING
+from csarm_jax.nn import CONTEXT, RUNNING, RUNNING_STATS
 
 STATISTICS_FROM = ('context', 'controls')
 
@@ -42,3 +45,25 @@ class Method:
     perturbed rows), so equal weights pool perturbed images with their plate's controls."""
     mask = mask.astype(jnp.float32)
     return mask * is_control.astype(jnp.float32) if self.statistics_from == 'controls' else mask
+
+  def forward(self, model: nn.Module, variables: dict[str, Any], x: jax.Array, mask: jax.Array,
+              is_control: jax.Array, train: bool, **kwargs) -> tuple[Any, Any]:
+    """(logits, running averages) of one context under this method's rule; when training an
+    ERM-style method the running averages are the updated ones. ``kwargs`` go to the model (e.g.
+    ``return_features=True`` makes the logits a (logits, features) pair)."""
+    weights = self.weights(mask, is_control)
+    if train and self.running_stats:
+      out, updates = model.apply(variables, x, norm=CONTEXT, weights=weights,
+                                 mutable=[RUNNING_STATS], **kwargs)
+      return out, updates[RUNNING_STATS]
+    norm = RUNNING if (not train and self.eval_norm == RUNNING) else CONTEXT
+    return model.apply(variables, x, norm=norm, weights=weights, **kwargs), variables[RUNNING_STATS]
+
+
+def labelled_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ...]:
+  """(sum of cross-entropy, number of labelled rows, number correct) over rows with label >= 0."""
+  labelled = labels >= 0
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[:, None], axis=1)[:, 0]
+  correct = (jnp.argmax(logits, -1) == labels) & labelled
+  return jnp.sum(nll * labelled), jnp.sum(labelled), jnp.sum(correct)

@@ -11,15 +11,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
-from jax.sharding import Sharding
 
 LATEST, BEST = 'latest', 'best'
-
-
-def abstract_like(tree: Any, sharding: Sharding) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 class Checkpoints:
@@ -56,6 +50,13 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], restored['meta']
+
+  def restore_selected(self, abstract_state: Any, prefer_best: bool = True):
+    """(state, data, meta, which) of the best checkpoint (if preferred and present) or the
+    latest; None if the run has none."""
+    which = BEST if prefer_best and self.latest_step(BEST) is not None else LATEST
+    restored = self.restore(which, abstract_state)
+    return None if restored is None else (*restored, which)
 
   def wait(self) -> None:
     for manager in self._managers.values():

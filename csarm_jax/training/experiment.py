@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from csarm_jax import methods, models
 from csarm_jax.data import normalization, splits
 from csarm_jax.data.store import ImageStore, StoreError, open_store
 from csarm_jax.methods import Method
-from csarm_jax.training import sharding
+from csarm_jax import parallel
 
 
 class ConfigError(ValueError):
@@ -169,11 +169,11 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
              f'{config.data.crop_size} exceeds the stored images ({h}x{w})')
   fold = select_fold(config, store, workdir)
   _require(len(fold.test) > 0, 'split', f'fold {fold.name} has no test plates')
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   for field in ('data.contexts_per_step', 'eval.contexts_per_step'):
     section, key = field.split('.')
     try:
-      sharding.check_contexts_divide(config[section][key], mesh, field)
+      parallel.check_contexts_divide(config[section][key], mesh, field)
     except ValueError as e:
       raise ConfigError(f'config.{e}') from None
   norm = fold_normalization(config, store, fold, workdir)

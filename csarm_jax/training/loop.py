@@ -29,11 +29,12 @@ from csarm_jax import inference
 from csarm_jax.data import pipeline
 from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
-from csarm_jax.training import checkpoint, experiment, sharding
+from csarm_jax import parallel
+from csarm_jax.training import checkpoint, experiment
 from csarm_jax.training.metrics_log import MetricsLog
-from csarm_jax.training.state import TrainState, create_state
-from csarm_jax.training.step import (compile_eval_step, compile_train_step, make_eval_step,
-                                     make_train_step)
+from csarm_jax.training.state import TrainState, abstract_state, create_state
+from csarm_jax.evaluation.step import compiled_eval_step
+from csarm_jax.training.step import compile_train_step, make_train_step
 
 
 def quiet_library_logs() -> None:
@@ -93,9 +94,9 @@ def train(exp: experiment.Experiment, workdir: str,
           on_step: Callable[[int], None] | None = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains to the end of the schedule or early stopping; returns (best state, loop bookkeeping)."""
   c = exp.config
-  repl = sharding.replicated(exp.mesh)
+  repl = parallel.replicated(exp.mesh)
   state = create_state(exp.model, exp.tx, jax.random.key(c.seed), exp.example_input)
-  abstract = checkpoint.abstract_like(state, repl)
+  abstract = abstract_state(exp.model, exp.tx, exp.example_input, repl)
   ckpt = checkpoint.Checkpoints(workdir)
   batches = _train_batches(exp)
   meta = _fresh_meta()
@@ -109,7 +110,7 @@ def train(exp: experiment.Experiment, workdir: str,
 
   step_fn = compile_train_step(make_train_step(exp.model, exp.method, exp.tx, exp.preprocess),
                                exp.mesh)
-  eval_step = compile_eval_step(make_eval_step(exp.model, exp.method, exp.preprocess), exp.mesh)
+  eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)
   lead = jax.process_index() == 0
   step = int(state.step)
@@ -124,7 +125,7 @@ def train(exp: experiment.Experiment, workdir: str,
   try:
     with _SigtermFlag() as sigterm:
       while step < exp.total_steps and not meta['stopped_early']:
-        state, metrics = step_fn(state, sharding.global_batch(next(batches), exp.mesh))
+        state, metrics = step_fn(state, parallel.global_batch(next(batches), exp.mesh))
         step += 1
         pending.append(metrics)
         bar.update(1)
@@ -174,13 +175,10 @@ def train(exp: experiment.Experiment, workdir: str,
 
 def restore_variables(exp: experiment.Experiment, workdir: str) -> dict[str, Any]:
   """The selected (best, else latest) variables of a trained run, replicated on ``exp.mesh``."""
-  shapes = jax.eval_shape(lambda: create_state(exp.model, exp.tx, jax.random.key(0),
-                                               exp.example_input))
+  abstract = abstract_state(exp.model, exp.tx, exp.example_input, parallel.replicated(exp.mesh))
   ckpt = checkpoint.Checkpoints(workdir)
   try:
-    which = checkpoint.BEST if (exp.fold.validation and
-                                ckpt.latest_step(checkpoint.BEST) is not None) else checkpoint.LATEST
-    restored = ckpt.restore(which, checkpoint.abstract_like(shapes, sharding.replicated(exp.mesh)))
+    restored = ckpt.restore_selected(abstract, prefer_best=bool(exp.fold.validation))
   finally:
     ckpt.close()
   if restored is None:
@@ -235,7 +233,7 @@ def evaluation_settings(exp) -> list[tuple[str, str, Any, tuple[str, ...]]]:
 
 def evaluate_all(exp, variables, workdir: str) -> dict[str, Any]:
   """Evaluates every held-out part and mode; writes predictions and metrics under workdir/eval."""
-  eval_step = compile_eval_step(make_eval_step(exp.model, exp.method, exp.preprocess), exp.mesh)
+  eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
   results = {}
@@ -267,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns (and writes to ``workdir/results.json``) the metrics of every evaluation.
   """
   d = config.distributed
-  sharding.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id,
+  parallel.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id,
                                         enabled=d.enabled)
   os.makedirs(workdir, exist_ok=True)
   quiet_library_logs()

@@ -25,6 +25,13 @@ class TrainState:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
+                   sharding: jax.sharding.Sharding) -> TrainState:
+  """The state's shapes and dtypes with ``sharding``: the target a checkpoint restores into."""
+  shapes = jax.eval_shape(lambda: create_state(model, tx, jax.random.key(0), example))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
 def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                  example: jax.Array) -> TrainState:
   """A fresh state; ``example`` is one context's input (float, any batch size)."""

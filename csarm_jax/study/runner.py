@@ -23,7 +23,7 @@ from csarm_jax import methods
 from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
 from csarm_jax.training import cross_validation, experiment, loop
-from csarm_jax.training.step import compile_eval_step, make_eval_step
+from csarm_jax.evaluation.step import compiled_eval_step
 
 RESULT_COLUMNS = ('method', 'setting', 'sweep', 'sweep_value', 'fold', 'seed', 'num_perturbed',
                   'num_controls', 'alpha', 'num_images', 'accuracy', 'balanced_accuracy',
@@ -129,8 +129,7 @@ def run_evaluations(config, method_name: str, run_dir: str, fold: int, seed: int
     else:
       if variables is None:
         variables = loop.restore_variables(exp, run_dir)
-        eval_step = compile_eval_step(make_eval_step(exp.model, exp.method, exp.preprocess),
-                                      exp.mesh)
+        eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
       result = _evaluate(exp, eval_step, variables, spec)
       if jax.process_index() == 0:
         with open(path, 'w') as f:
@@ -170,8 +169,8 @@ def embedding_frame(config: ml_collections.ConfigDict, workdir: str, method_name
   cfg.eval.max_images_per_plate = config.embedding.max_images_per_plate
   exp = experiment.build(cfg, run_dir)
   variables = loop.restore_variables(exp, run_dir)
-  eval_step = compile_eval_step(make_eval_step(exp.model, exp.method, exp.preprocess,
-                                               with_features=True), exp.mesh)
+  eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh,
+                                 with_features=True)
   plates = tuple(p for part in config.embedding.parts for p in getattr(exp.fold, part))
   frame, _ = protocol.evaluate(exp, eval_step, variables, plates)
   frame['method'] = method_name

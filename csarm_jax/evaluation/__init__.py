@@ -1,0 +1,1 @@
+"""Evaluation: the compiled eval step, the protocols (chunks, label shift, whole plate), metrics."""

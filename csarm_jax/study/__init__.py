@@ -1,0 +1,1 @@
+"""The reproduction study (runner) and its report."""
