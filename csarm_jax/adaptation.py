@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
+import chex
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -86,14 +87,18 @@ def adapt(model: nn.Module, variables: Variables, context: jax.Array,
   """Per-layer BatchNorm statistics ({'mean', 'var'}, float32) of the (masked) context."""
   validate_inputs(model, context, mask)
   _, updates = model.apply(variables, context, norm=CONTEXT, weights=mask, mutable=[STATS])
-  return updates[STATS]
+  stats = updates[STATS]
+  chex.assert_type(jax.tree.leaves(stats), jnp.float32)     # statistics stay float32 under bf16
+  return stats
 
 
 def predict(model: nn.Module, variables: Variables, stats: Stats, images: jax.Array,
             **kwargs) -> Any:
   """Logits of ``images`` normalised with the given statistics (no statistics of their own)."""
   validate_inputs(model, images, None, what='images')
-  return model.apply({**_without(variables, STATS), STATS: stats}, images, norm=GIVEN, **kwargs)
+  out = model.apply({**_without(variables, STATS), STATS: stats}, images, norm=GIVEN, **kwargs)
+  chex.assert_shape(jax.tree.leaves(out)[0], (images.shape[0], None))   # one row per image
+  return out
 
 
 def adapt_and_predict(model: nn.Module, variables: Variables, context: jax.Array,
