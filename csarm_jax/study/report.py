@@ -16,6 +16,7 @@ SETTING_LABELS = {'in_domain': 'unseen plates (in-domain)', 'unseen_batches': 'u
                   'unseen_source': 'unseen source (cross-lab)'}
 METHOD_LABELS = {'erm': 'ERM', 'adabn': 'AdaBN', 'adabn_controls': 'AdaBN + controls', 'ben': 'BEN',
                  'arm_bn': 'ARM-BN', 'cs_arm_bn': 'CS-ARM-BN'}
+METHOD_COLORS = dict(zip(METHOD_LABELS, plt.get_cmap('tab10').colors))   # one colour per method
 
 
 def aggregate(results: pd.DataFrame, metric: str = 'accuracy') -> pd.DataFrame:
@@ -98,7 +99,7 @@ def paper_comparison_markdown(agg: pd.DataFrame, paper: pd.DataFrame) -> str:
 
 
 def _runs_note(results: pd.DataFrame) -> str:
-  return f"n = {results.groupby(['fold', 'seed']).ngroups} runs (folds × seeds) per point"
+  return f"mean ± std over n = {results.groupby(['fold', 'seed']).ngroups} runs (folds × seeds)"
 
 
 def plot_settings(results: pd.DataFrame, path: str) -> None:
@@ -111,12 +112,12 @@ def plot_settings(results: pd.DataFrame, path: str) -> None:
   for i, m in enumerate(methods):
     rows = agg[agg['method'] == m].set_index('setting').reindex(settings)
     ax.bar(np.arange(len(settings)) + i * width, rows['mean'], width, yerr=rows['std'], capsize=2,
-           label=METHOD_LABELS.get(m, m))
+           label=METHOD_LABELS.get(m, m), color=METHOD_COLORS.get(m))
   ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2)
   ax.set_xticklabels([SETTING_LABELS[s] for s in settings])
   ax.set_ylabel('accuracy (fraction of images)')
   ax.set_ylim(0, 1)
-  ax.set_title(f'Accuracy by setting; mean ± std, {_runs_note(results)}', fontsize=9)
+  ax.set_title(f'Accuracy by setting; {_runs_note(results)}', fontsize=9)
   ax.legend(fontsize=7, ncol=3, loc='lower left')
   fig.tight_layout()
   fig.savefig(path)
@@ -134,7 +135,8 @@ def plot_sweep(results: pd.DataFrame, sweep: str, setting: str, xlabel: str, pat
   for m in dict.fromkeys(rows['method']):
     r = rows[rows['method'] == m].set_index('sweep_value').reindex(order).dropna(subset=['mean'])
     x = [order.index(v) for v in r.index] if not log_x else [float(v) for v in r.index]
-    ax.errorbar(x, r['mean'], yerr=r['std'], marker='o', capsize=2, label=METHOD_LABELS.get(m, m))
+    ax.errorbar(x, r['mean'], yerr=r['std'], marker='o', capsize=2, label=METHOD_LABELS.get(m, m),
+                color=METHOD_COLORS.get(m))
   if log_x:
     ax.set_xscale('symlog', linthresh=1)
     values = [float(v) for v in order]
@@ -146,7 +148,7 @@ def plot_sweep(results: pd.DataFrame, sweep: str, setting: str, xlabel: str, pat
   ax.set_xlabel(xlabel)
   ax.set_ylabel('accuracy (fraction of images)')
   ax.set_ylim(0, 1)
-  ax.set_title(f'{SETTING_LABELS[setting]}; mean ± std, {_runs_note(results)}', fontsize=9)
+  ax.set_title(f'{SETTING_LABELS[setting]}\n{_runs_note(results)}', fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
