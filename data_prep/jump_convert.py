@@ -27,6 +27,8 @@ flags.DEFINE_enum('dtype', _DEFAULT.dtype, ['uint8', 'uint16'], 'Stored pixel ty
 flags.DEFINE_bool('illum', _DEFAULT.illum, 'Divide by the plate\'s illumination functions.')
 flags.DEFINE_list('crop', [], 'Crop after downsampling: H,W or one side; empty: the smallest side.')
 flags.DEFINE_integer('shard_items', _DEFAULT.shard_items, 'Sites per shard (the unit of work).')
+flags.DEFINE_enum('compression', _DEFAULT.compression, ['zstd', 'lz4', 'none'],
+                  'Store codec: zstd is smallest (buckets); none reads fastest (local SSD).')
 flags.DEFINE_bool('overwrite', False, 'Delete a store already at --out (or started with other '
                   'options) and start again.')
 
@@ -39,7 +41,8 @@ def main(argv):
     raise app.UsageError('--crop takes H,W or a single side')
   options = convert_lib.ConvertOptions(
       downsample=FLAGS.downsample, clip_percentile=FLAGS.clip_percentile, dtype=FLAGS.dtype,
-      illum=FLAGS.illum, crop=crop or None, shard_items=FLAGS.shard_items)
+      illum=FLAGS.illum, crop=crop or None, shard_items=FLAGS.shard_items,
+      compression=FLAGS.compression)
   convert_lib.convert_sites(FLAGS.index, FLAGS.out, options, workers=FLAGS.workers,
                             overwrite=FLAGS.overwrite, command=' '.join(sys.argv))   # logs the QC line
 

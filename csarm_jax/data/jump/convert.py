@@ -66,6 +66,7 @@ class ConvertOptions:
   illum: bool = False                    # divide by the plate's Illum<Ch>.npy (the paper did not)
   crop: tuple[int, int] | None = None    # (H, W) after downsampling; None: see the module docstring
   shard_items: int = 64                  # sites per shard = per work unit
+  compression: str = 'zstd'              # store codec: 'zstd' | 'lz4' | 'none' (fastest reads)
 
   def __post_init__(self):
     if self.dtype not in SCALE_MAX:
@@ -74,6 +75,8 @@ class ConvertOptions:
       raise ValueError('downsample and shard_items must be positive')
     if not 0 < self.clip_percentile <= 100:
       raise ValueError(f'clip_percentile {self.clip_percentile} is not in (0, 100]')
+    if self.compression not in store_lib.COMPRESSIONS:
+      raise ValueError(f'compression {self.compression!r}: expected one of {sorted(store_lib.COMPRESSIONS)}')
     if self.crop is not None and (len(self.crop) != 2 or min(self.crop) < 1):
       raise ValueError(f'crop {self.crop}: expected (height, width) > 0')
 
@@ -362,7 +365,8 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
   try:
     store_lib.open_array(out)
   except store_lib.StoreError:
-    store_lib.create_array(out, len(index), item_shape, options.dtype, shard_items=options.shard_items)
+    store_lib.create_array(out, len(index), item_shape, options.dtype, shard_items=options.shard_items,
+                           compression=options.compression)
   entries = _ledger(kv)
   size = options.shard_items
   num_shards = -(-len(index) // size)

@@ -117,7 +117,8 @@ def generate(config: ml_collections.ConfigDict, out: str, seed: int = 0, workers
   num_shards = -(-len(table) // config.shard_items)
   if state is None:
     os.makedirs(out, exist_ok=True)
-    store.create_array(out, len(table), item_shape, config.dtype, shard_items=config.shard_items)
+    store.create_array(out, len(table), item_shape, config.dtype, shard_items=config.shard_items,
+                       compression=config.compression)
     done: set[int] = set()
     _write_progress(out, fingerprint, done)
   else:
