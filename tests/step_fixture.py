@@ -32,8 +32,8 @@ def make_batch(num_contexts=4, perturbed=4, controls=2, seed=0, pad=1):
           'rows': np.arange(num_contexts * m).reshape(num_contexts, m)}
 
 
-def make(method='cs_arm_bn', tx=None, seed=0):
-  model = models.create('cnn', CLASSES, width=4, num_stages=2)
+def make(method='cs_arm_bn', tx=None, seed=0, dtype='float32'):
+  model = models.create('cnn', CLASSES, width=4, num_stages=2, dtype=dtype)
   tx = tx or optax.adam(1e-2)
   state = training.create_state(model, tx, jax.random.key(seed), jnp.zeros((2, H, H, 5)))
   step = training.make_train_step(model, methods.get(method), tx, preprocess)

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from csarm_jax.data import synthetic
 from csarm_jax.study import report, runner as study
 from csarm_jax.training import cross_validation
 from run_fixture import tiny_config
@@ -38,12 +39,16 @@ def test_training_groups_share_a_model_where_only_the_test_rule_differs():
 
 
 @pytest.fixture(scope='module')
-def smoke(store_path, tmp_path_factory):
+def smoke(tmp_path_factory):
+  """The study on the synthetic `tiny` store: one seed, two methods, a few sweep values."""
+  store = str(tmp_path_factory.mktemp('tiny'))
+  synthetic.generate(synthetic.preset('tiny'), store, seed=0, workers=1, progress=False)
   config = reproduce.get_config('quick')
-  config.train = tiny_config(store_path)
+  config.train = tiny_config(store)
+  config.train.data.crop_size = 24
   config.train.train.update(max_epochs=1, steps_per_epoch=2)
-  config.train.split.update(validation_fraction=0.25, unseen_batches_fraction=0.34,
-                            in_domain_fraction=0.5)
+  config.train.split.update(validation_fraction=0.25, unseen_batches_fraction=0.3,
+                            in_domain_fraction=0.25)
   config.methods = ['erm', 'cs_arm_bn']
   config.seeds = [0]
   config.sweeps.update(label_shift_alphas=[0.01], perturbed=[1, 4], controls=[0, 4],

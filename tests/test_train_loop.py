@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import csarm_jax
 from csarm_jax import inference
+from csarm_jax.data.augment import center_crop
 from csarm_jax.data import open_store
 from csarm_jax.training import checkpoint, experiment, loop
 from csarm_jax.training.state import abstract_state
@@ -35,6 +37,7 @@ def _params(workdir, config):
 def finished(store_path, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
   config = tiny_config(store_path)
+  config.eval.update(whole_plate=True, label_shift_alphas=[0.1])
   return workdir, config, loop.train_and_evaluate(config, workdir)
 
 
@@ -44,12 +47,16 @@ def test_run_writes_metrics_predictions_and_a_consistent_summary(finished):
                'config.json'):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
-  assert set(results['evaluations']) == {'test.chunks', 'in_domain.chunks', 'validation.chunks'}
+  assert set(results['evaluations']) == {f'{part}.{mode}' for part in ('test', 'in_domain', 'validation')
+                                         for mode in ('chunks', 'whole_plate', 'label_shift_alpha0.1')}
   store = open_store(config.store)
   fold = json.load(open(os.path.join(workdir, 'fold.json')))
   for name, summary in results['evaluations'].items():
     frame = pd.read_parquet(os.path.join(workdir, 'eval', f'{name}.predictions.parquet'))
     part = name.split('.')[0]
+    if 'label_shift' in name:          # images drawn per context by class: a plate's subset
+      assert set(frame['row']) <= set(store.table['row']) and len(frame) > 0
+      continue
     expected_rows = store.table.loc[store.table['Metadata_Plate'].isin(fold[part]) &
                                     ~store.table['is_control'], 'row']
     assert sorted(frame['row']) == sorted(expected_rows)          # every image exactly once
@@ -59,6 +66,23 @@ def test_run_writes_metrics_predictions_and_a_consistent_summary(finished):
   lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [l['step'] for l in lines if 'train/loss' in l] == list(range(1, 7))
   assert sum('validation/loss' in l for l in lines) == 3
+
+
+def test_whole_plate_evaluation_equals_adapting_on_the_whole_plate(finished):
+  workdir, config, _ = finished
+  exp = experiment.build(config, workdir)
+  variables = loop.restore_variables(exp, workdir)
+  frame = pd.read_parquet(os.path.join(workdir, 'eval', 'test.whole_plate.predictions.parquet'))
+  store = open_store(config.store)
+  plate = exp.fold.test[0]
+  rows = store.table.loc[store.table['Metadata_Plate'] == plate]
+  images = exp.preprocess(center_crop(store.read(rows['row']), config.data.crop_size))
+  stats = csarm_jax.adapt(exp.model, variables, images)          # perturbed + controls, one pass
+  perturbed = ~rows['is_control'].to_numpy()
+  logits = csarm_jax.predict(exp.model, variables, stats, images[perturbed])
+  expected = np.asarray(jax.nn.softmax(logits))
+  got = frame.set_index('row').loc[rows['row'].to_numpy()[perturbed]].filter(like='prob_').to_numpy()
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_killed_run_resumes_to_the_same_parameters(finished, store_path, tmp_path):

@@ -88,6 +88,17 @@ def test_sharded_update_equals_single_device_update():
   np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-6)
 
 
+def test_bfloat16_step_keeps_float32_parameters_and_tracks_the_float32_step():
+  batch = jax.tree.map(jnp.asarray, make_batch())
+  _, _, state16, step16 = make(dtype='bfloat16')
+  _, _, state32, step32 = make()
+  new16, m16 = jax.jit(step16)(state16, batch)
+  new32, m32 = jax.jit(step32)(state32, batch)
+  chex.assert_type(jax.tree.leaves(new16.params), jnp.float32)
+  chex.assert_tree_all_finite(new16.params)
+  np.testing.assert_allclose(m16['loss'], m32['loss'], rtol=0.05)
+
+
 def test_contexts_must_divide_across_devices():
   with pytest.raises(ValueError, match='contexts_per_step=6 must be a multiple'):
     parallel.check_contexts_divide(6, parallel.make_mesh())
