@@ -56,6 +56,17 @@ def _timed(fn, steps: int) -> tuple[float, list[float]]:
   return first, times
 
 
+def _time_steps(step, state, batch) -> tuple[float, list[float], Any]:
+  """(compile + first step seconds, per-step seconds, final state) of `step` on one resident batch."""
+  holder = {'state': state}
+
+  def one_step():
+    holder['state'], metrics = step(holder['state'], batch)
+    return metrics['loss']
+  compile_s, times = _timed(one_step, _STEPS.value)
+  return compile_s, times, holder['state']
+
+
 def _setup():
   """Model, method, optimizer, mesh, replicated state and compiled step from the flags."""
   import jax
@@ -106,16 +117,11 @@ def step_benchmark() -> dict[str, Any]:
 
   model, method, mesh, state, step = _setup()
   batch = _random_batch(mesh)
-  holder = {'state': state}
-
-  def one_step():
-    holder['state'], metrics = step(holder['state'], batch)
-    return metrics['loss']
-  compile_s, times = _timed(one_step, _STEPS.value)
+  compile_s, times, state = _time_steps(step, state, batch)
   step_s = statistics.median(times)
   m = _PERTURBED.value + _CONTROLS.value
 
-  variables = jax.device_get(holder['state']).variables
+  variables = jax.device_get(state).variables
   context = jnp.asarray(np.asarray(batch['images'][0]), jnp.float32) / 255.0
   adapt = jax.jit(cj.adapt, static_argnums=0)
   predict = jax.jit(cj.predict, static_argnums=0)
@@ -187,13 +193,7 @@ def train_benchmark() -> dict[str, Any]:
       if i:                                     # the first step compiles
         wait.append(fetched - start)
         total.append(time.perf_counter() - start)
-    resident = _random_batch(mesh)
-    holder = {'state': state}
-
-    def compute_only():
-      holder['state'], m = step(holder['state'], resident)
-      return m['loss']
-    _, compute = _timed(compute_only, _STEPS.value)
+    _, compute, _ = _time_steps(step, state, _random_batch(mesh))
     m = _PERTURBED.value + (_CONTROLS.value if method.train_controls else 0)
     step_s, compute_s = statistics.median(total), statistics.median(compute)
     return {'bench': 'train', 'host': host_info(), 'model': _MODEL.value, 'width': _WIDTH.value,
