@@ -117,9 +117,14 @@ def test_sigterm_saves_and_resumes_exactly(finished, store_path, tmp_path):
 def test_nan_loss_stops_with_a_saved_checkpoint(store_path, tmp_path):
   config = tiny_config(store_path)
   config.optimizer.learning_rate = 1e30
+  config.train.checkpoint_every_steps = 1
   with pytest.raises(FloatingPointError, match='training loss became'):
     loop.train_and_evaluate(config, str(tmp_path))
-  assert checkpoint.Checkpoints(str(tmp_path)).latest_step() is not None
+  ckpt = checkpoint.Checkpoints(str(tmp_path))
+  diverged = ckpt.latest_step(checkpoint.DIVERGED)
+  assert diverged is not None                          # kept for a post-mortem ...
+  good = ckpt.latest_step(checkpoint.LATEST)
+  assert good is None or good < diverged               # ... but never what a re-run resumes from
 
 
 @pytest.mark.parametrize('field, value, message', [

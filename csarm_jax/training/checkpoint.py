@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: ``latest`` (resume) and ``best`` (by validation loss).
+"""Orbax checkpoints of a run: ``latest`` (resume), ``best`` (by validation loss) and ``diverged``
+(the state that produced a NaN/inf loss, for post-mortems; never resumed from).
 
 Each checkpoint holds three items: ``state`` (the TrainState pytree: parameters, running BN averages,
 optimizer state, step, RNG), ``data`` (the training iterator's state) and ``meta`` (loop
@@ -13,7 +14,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-LATEST, BEST = 'latest', 'best'
+LATEST, BEST, DIVERGED = 'latest', 'best', 'diverged'
 
 
 class Checkpoints:
@@ -26,6 +27,10 @@ class Checkpoints:
             max_to_keep=keep_latest, create=True)),
         BEST: ocp.CheckpointManager(os.path.join(root, BEST), options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True)),
+        # a state whose loss became NaN/inf, kept apart so that resuming uses the last good one
+        DIVERGED: ocp.CheckpointManager(os.path.join(root, DIVERGED),
+                                        options=ocp.CheckpointManagerOptions(max_to_keep=1,
+                                                                             create=True)),
     }
 
   def latest_step(self, which: str = LATEST) -> int | None:

@@ -142,13 +142,16 @@ def train(exp: experiment.Experiment, workdir: str,
           bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['accuracy']:.3f}",
                           img_s=f"{summary['images_per_s']:.0f}")
           if not np.isfinite(summary['loss']):
-            ckpt.save(checkpoint.LATEST, step, state, batches.get_state(), {**meta, 'diverged': True})
+            ckpt.save(checkpoint.DIVERGED, step, state, batches.get_state(), meta)
             ckpt.wait()
+            good = ckpt.latest_step(checkpoint.LATEST)
             raise FloatingPointError(
                 f'training loss became {summary["loss"]} by step {step} (checked every '
-                f'{c.train.log_every_steps} steps); the diverged state is saved as step {step} in '
-                f'{workdir}/checkpoints/latest, the previous good one just before it. Lower '
-                f'config.optimizer.learning_rate or check the inputs.')
+                f'{c.train.log_every_steps} steps). The diverged state is in '
+                f'{workdir}/checkpoints/{checkpoint.DIVERGED}; '
+                + (f'the checkpoint before it (step {good}) is in checkpoints/{checkpoint.LATEST}, which '
+                   f'a re-run resumes from. ' if good is not None else 'no earlier state was saved. ')
+                + 'Lower config.optimizer.learning_rate or check the inputs.')
         if step % eval_every == 0:
           meta['epoch'] = step // exp.steps_per_epoch
           _validate(exp, eval_step, state, step, meta, log)
