@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from csarm_jax import methods
 from csarm_jax.data import synthetic
 from csarm_jax.study import report, runner as study
-from csarm_jax.training import cross_validation
+from csarm_jax.training import cross_validation, experiment
 from run_fixture import tiny_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
@@ -30,6 +31,17 @@ def test_cross_validation_runs_every_fold_and_reuses_finished_runs(store_path, t
   again = cross_validation.run(config, str(tmp_path), folds=[0, 2], seeds=[0])
   assert os.path.getmtime(tmp_path / 'fold0_seed0' / 'results.json') == mtime
   pd.testing.assert_frame_equal(again, runs)
+
+
+def test_both_study_variants_are_valid_configs():
+  for variant in ('quick', 'full'):
+    config = reproduce.get_config(variant)
+    experiment.check_config(config.train)
+    assert study.sweep_setting(config) == 'unseen_source'
+    specs = study.eval_specs(config, methods.CS_ARM_BN)
+    assert {s.setting for s in specs} == {'in_domain', 'unseen_batches', 'unseen_source'}
+  with pytest.raises(ValueError, match="variant must be 'quick' or 'full'"):
+    reproduce.get_config('medium')
 
 
 def test_training_groups_share_a_model_where_only_the_test_rule_differs():

@@ -2,8 +2,9 @@
 
   quick: the synthetic quickstart benchmark, small CNN, 3 seeds of one leave-one-source-out fold;
          about 30 minutes on 2 CPU cores.
-  full:  the 'large' synthetic benchmark (or any store: --config.train.store=...), ResNet-18,
-         every leave-one-source-out fold x 3 seeds; sized for one GPU/TPU host.
+  full:  the 'large' synthetic benchmark, ResNet-18, every leave-one-source-out fold x 3 seeds;
+         sized for one GPU/TPU host. On a real store (e.g. JUMP sources 3 and 8):
+         --config.train.store=PATH --config.train.synthetic.preset=''
 """
 import ml_collections
 
