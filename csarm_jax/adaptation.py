@@ -175,7 +175,7 @@ def plate_statistics(model: nn.Module, variables: Variables, images: Any = None,
   if first is None:
     raise ValueError('plate_statistics got no images')
   example, example_w = jnp.asarray(first[0]), jnp.asarray(first[1])
-  validate_inputs(model, example, example_w)
+  validate_inputs(model, example)      # weights: a first chunk may hold none (e.g. BEN's perturbed rows)
   base = _without(variables, STATS, STREAM_FLAGS, STREAM_SUMS)
 
   order = bn_layer_order(model, base, example)

@@ -211,3 +211,13 @@ def test_mlp_rejects_a_single_row_context():
     cj.adapt(model, variables, _images(1, shape=(6,)))
   with pytest.raises(ValueError, match='must be feature vectors'):
     cj.adapt(model, variables, _images(2))
+
+
+def test_streamed_statistics_accept_chunks_without_weight(cnn):
+  # BEN's whole plate: perturbed rows first (weight 0), controls last -- whole chunks of zeros.
+  model, variables = cnn
+  x = np.asarray(_images(10))
+  weights = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], np.float32)
+  streamed = cj.plate_statistics(model, variables, x, mask=weights, chunk_size=3)
+  chex.assert_trees_all_close(streamed, adapt(model, variables, jnp.asarray(x[6:])),
+                              rtol=1e-4, atol=1e-5)

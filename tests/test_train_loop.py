@@ -118,7 +118,7 @@ def test_nan_loss_stops_with_a_saved_checkpoint(store_path, tmp_path):
   config = tiny_config(store_path)
   config.optimizer.learning_rate = 1e30
   config.train.checkpoint_every_steps = 1
-  with pytest.raises(FloatingPointError, match='training loss became'):
+  with pytest.raises(FloatingPointError, match='training diverged by step'):
     loop.train_and_evaluate(config, str(tmp_path))
   ckpt = checkpoint.Checkpoints(str(tmp_path))
   diverged = ckpt.latest_step(checkpoint.DIVERGED)
@@ -134,6 +134,10 @@ def test_nan_loss_stops_with_a_saved_checkpoint(store_path, tmp_path):
     ('split.fold', 7, 'config.split.fold: 7 is out of range'),
     ('data.contexts_per_step', 6, 'config.data.contexts_per_step=6 must be a multiple'),
     ('data.crop_size', 64, 'config.data.crop_size: 64 exceeds'),
+    ('data.num_controls', 0, 'config.data.num_controls: cs_arm_bn trains on contexts'),
+    ('eval.num_controls', 0, 'config.eval.num_controls: cs_arm_bn normalises'),
+    ('data.too_few', 'repeat', "config.data.too_few: must be one of"),
+    ('train.eval_every_epochs', 0, 'config.train.eval_every_epochs: must be >= 1'),
 ])
 def test_bad_configs_fail_at_start_naming_the_field(store_path, tmp_path, field, value, message):
   config = tiny_config(store_path)

@@ -163,12 +163,16 @@ def too_few_report(index: PlateIndex, num_perturbed: int, num_controls: int) -> 
           if len(r) < num_perturbed or len(c) < num_controls}
 
 
+def check_too_few(too_few: str) -> None:
+  if too_few not in TOO_FEW:
+    raise ContextError(f'too_few must be one of {TOO_FEW}, got {too_few!r}')
+
+
 def _draw(rng: np.random.Generator, n: int, k: int, too_few: str) -> np.ndarray:
   """k positions in range(n) without replacement, or (n < k) all n topped up per ``too_few``."""
   if n >= k:
     return rng.choice(n, k, replace=False)
-  if too_few not in TOO_FEW:
-    raise ContextError(f'too_few must be one of {TOO_FEW}, got {too_few!r}')
+  check_too_few(too_few)
   every = rng.permutation(n)
   return every if too_few == 'pad' else np.concatenate([every, rng.integers(0, n, k - n)])
 

@@ -188,6 +188,7 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   0). See ``contexts`` for sampling and bad-input rules.
   """
   _check_sharding(contexts_per_batch, process_index, process_count)
+  ctx_lib.check_too_few(too_few)           # at start, not when a short plate is first drawn
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
   if mode == 'mixed' and num_controls:
@@ -233,6 +234,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   ``label_shift_alpha`` given: ``contexts.label_shift_contexts``. ``require_labels=False`` admits
   unlabelled perturbed images (label -1), for prediction."""
   _check_sharding(contexts_per_batch, process_index, process_count)
+  ctx_lib.check_too_few(too_few)           # at start, not when a short plate is first drawn
   index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids),
                                require_controls=num_controls > 0, require_labels=require_labels,
                                skip_bad=skip_bad, part='evaluation')

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from csarm_jax import methods, models
 from csarm_jax.data import normalization, splits
+from csarm_jax.data.contexts import TOO_FEW
 from csarm_jax.data.store import ImageStore, StoreError, open_store
 from csarm_jax.methods import Method
 from csarm_jax import parallel
@@ -67,14 +68,25 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
            f'unknown model {config.model.name!r}; choose one of {list(models.names())}')
   _require(bool(config.store), 'store', 'no image store given (set --config.store=PATH or URL)')
   for field in ('data.num_perturbed', 'data.contexts_per_step', 'eval.num_perturbed',
-                'eval.contexts_per_step', 'train.max_epochs', 'train.log_every_steps'):
+                'eval.contexts_per_step', 'train.max_epochs', 'train.log_every_steps',
+                'train.eval_every_epochs', 'train.patience'):
     section, key = field.split('.')
     _require(config[section][key] >= 1, field, f'must be >= 1, got {config[section][key]}')
+  _require(config.data.too_few in TOO_FEW, 'data.too_few',
+           f'must be one of {TOO_FEW}, got {config.data.too_few!r}')
+  method = methods.get(config.method)
+  if method.train_controls:
+    _require(config.data.num_controls >= 1, 'data.num_controls',
+             f'{method.name} trains on contexts with the plate\'s controls: K must be >= 1 '
+             f'(K = 0 without controls is arm_bn)')
+  if method.eval_controls:
+    _require(config.eval.num_controls >= 1, 'eval.num_controls',
+             f'{method.name} normalises test contexts with the plate\'s controls: K must be >= 1')
   _require(config.optimizer.name in ('adam', 'adamw', 'sgd'), 'optimizer.name',
            f'unknown optimizer {config.optimizer.name!r}; choose adam, adamw or sgd')
   _require(config.optimizer.schedule in ('constant', 'cosine'), 'optimizer.schedule',
            f'unknown schedule {config.optimizer.schedule!r}; choose constant or cosine')
-  return methods.get(config.method)
+  return method
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import ml_collections
 import pandas as pd
@@ -131,7 +132,13 @@ def train(exp: experiment.Experiment, workdir: str,
         bar.update(1)
         if on_step is not None:
           on_step(step)
-        if step % c.train.log_every_steps == 0 or step == exp.total_steps:
+        evaluate_now = step % eval_every == 0
+        checkpoint_now = bool(c.train.checkpoint_every_steps) and \
+            step % c.train.checkpoint_every_steps == 0
+        # Metrics come to the host at logging steps -- and before anything is saved, so a state
+        # whose loss went NaN is never written as 'latest' or 'best' nor validated.
+        if (step % c.train.log_every_steps == 0 or step == exp.total_steps or evaluate_now or
+            checkpoint_now or sigterm.raised):
           summary = _reduce(jax.device_get(pending))
           pending = []
           window_images += summary.pop('images')
@@ -141,24 +148,25 @@ def train(exp: experiment.Experiment, workdir: str,
           log.write(step, summary, 'train')
           bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['accuracy']:.3f}",
                           img_s=f"{summary['images_per_s']:.0f}")
-          if not np.isfinite(summary['loss']):
+          saving = evaluate_now or checkpoint_now or sigterm.raised
+          if not np.isfinite(summary['loss']) or (saving and not bool(_all_finite(state.params))):
             ckpt.save(checkpoint.DIVERGED, step, state, batches.get_state(), meta)
             ckpt.wait()
             good = ckpt.latest_step(checkpoint.LATEST)
             raise FloatingPointError(
-                f'training loss became {summary["loss"]} by step {step} (checked every '
-                f'{c.train.log_every_steps} steps). The diverged state is in '
+                f'training diverged by step {step}: loss {summary["loss"]}, or parameters not '
+                f'finite (checked at logging steps and before every save). The diverged state is in '
                 f'{workdir}/checkpoints/{checkpoint.DIVERGED}; '
                 + (f'the checkpoint before it (step {good}) is in checkpoints/{checkpoint.LATEST}, which '
                    f'a re-run resumes from. ' if good is not None else 'no earlier state was saved. ')
                 + 'Lower config.optimizer.learning_rate or check the inputs.')
-        if step % eval_every == 0:
+        if evaluate_now:
           meta['epoch'] = step // exp.steps_per_epoch
           _validate(exp, eval_step, state, step, meta, log)
           if meta['best_step'] == step:
             save(checkpoint.BEST)
           save(checkpoint.LATEST)
-        elif c.train.checkpoint_every_steps and step % c.train.checkpoint_every_steps == 0:
+        elif checkpoint_now:
           save(checkpoint.LATEST)
         if sigterm.raised:
           save(checkpoint.LATEST)
@@ -187,6 +195,11 @@ def restore_variables(exp: experiment.Experiment, workdir: str) -> dict[str, Any
   if restored is None:
     raise FileNotFoundError(f'{workdir} holds no checkpoint')
   return restored[0].variables
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _reduce(metrics: list[dict[str, np.ndarray]]) -> dict[str, float]:
