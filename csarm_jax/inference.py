@@ -26,7 +26,7 @@ import pandas as pd
 import flax.linen as nn
 
 from csarm_jax import methods, models
-from csarm_jax.data import normalization, pipeline
+from csarm_jax.data import normalization
 from csarm_jax.data.store import ImageStore
 from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
@@ -39,26 +39,6 @@ from csarm_jax.evaluation.step import compiled_eval_step
 FORMAT_VERSION = 1
 SPEC, NORMALIZATION, CONFIG, FOLD = 'model.json', 'normalization.json', 'config.json', 'fold.json'
 INFERENCE, VARIABLES = 'inference.json', 'variables'
-
-
-def model_spec(exp) -> dict[str, Any]:
-  """What a run writes to ``workdir/model.json``: enough to rebuild its model and protocol."""
-  c = exp.config
-  return {'model': {'name': c.model.name, 'num_classes': len(exp.store.class_ids),
-                    'options': _model_options(exp.model, c), 'dtype': c.model.dtype},
-          'method': exp.method.name, 'store_kind': exp.store.kind,
-          'channels': exp.store.channels,
-          'classes': [{'id': i, 'name': n} for i, n in zip(exp.store.class_ids, exp.store.class_names)],
-          'crop_size': c.data.crop_size if exp.store.kind == 'images' else None,
-          'eval': {'num_perturbed': c.eval.num_perturbed, 'num_controls': c.eval.num_controls,
-                   'seed': c.eval.seed}}
-
-
-def _model_options(model: nn.Module, config) -> dict[str, Any]:
-  options = dict(config.model.options)
-  key = 'in_features' if model.input_rank == 2 else 'in_channels'
-  options[key] = int(model.in_channels)
-  return options
 
 
 @dataclasses.dataclass
@@ -87,8 +67,17 @@ def _build_model(spec: dict[str, Any]) -> nn.Module:
   return models.create(m['name'], m['num_classes'], dtype=m['dtype'], **m['options'])
 
 
-def export(workdir: str, out: str, which: str = checkpoint.BEST) -> str:
-  """Writes ``out/variables`` (orbax) and ``out/inference.json`` from a run's checkpoint."""
+SELECTED = 'selected'
+
+
+def export(workdir: str, out: str, which: str = SELECTED) -> str:
+  """Writes ``out/variables`` (orbax) and ``out/inference.json`` from a run's checkpoint.
+
+  ``which``: 'selected' (default) -- the state the run itself evaluated: the best by validation loss
+  if the run had validation plates, else the latest -- or 'best' / 'latest' explicitly.
+  """
+  if which not in (SELECTED, checkpoint.BEST, checkpoint.LATEST):
+    raise ValueError(f'which must be selected, best or latest, got {which!r}')
   spec = _read_json(os.path.join(workdir, SPEC))
   config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, CONFIG)))
   norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
@@ -100,7 +89,9 @@ def export(workdir: str, out: str, which: str = checkpoint.BEST) -> str:
   target = abstract_state(model, tx, example, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   ckpt = checkpoint.Checkpoints(workdir)
   try:
-    restored = ckpt.restore_selected(target, prefer_best=which == checkpoint.BEST)
+    had_validation = bool(_read_json(os.path.join(workdir, FOLD)).get('validation'))
+    prefer_best = which == checkpoint.BEST or (which == SELECTED and had_validation)
+    restored = ckpt.restore_selected(target, prefer_best=prefer_best)
   finally:
     ckpt.close()
   if restored is None:
@@ -110,7 +101,7 @@ def export(workdir: str, out: str, which: str = checkpoint.BEST) -> str:
   variables_dir = os.path.join(os.path.abspath(out), VARIABLES)
   with ocp.StandardCheckpointer() as saver:
     saver.save(variables_dir, {'params': state.params, 'batch_stats': state.batch_stats}, force=True)
-  fold = _read_json(os.path.join(workdir, FOLD)) if os.path.exists(os.path.join(workdir, FOLD)) else None
+  fold = _read_json(os.path.join(workdir, FOLD))
   info = {'format_version': FORMAT_VERSION, **spec, 'normalization': json.loads(norm.to_json()),
           'provenance': {'workdir': os.path.abspath(workdir), 'checkpoint': which,
                          'step': int(state.step), 'best_val_loss': meta.get('best_val_loss'),
@@ -133,11 +124,23 @@ def load(path: str) -> Predictor:
 
 
 def _check_compatible(members: Sequence[Predictor], store: ImageStore) -> dict[str, Any]:
+  """The members' shared spec; raises naming the export and the store if anything differs."""
   first = members[0].spec
   for m in members:
+    where = f'{m.path} vs store {store.path}'
+    if m.spec['store_kind'] != store.kind:
+      raise ValueError(f'{where}: trained on {m.spec["store_kind"]}, the store holds {store.kind}')
     if m.spec['channels'] != store.channels:
-      raise ValueError(f'{m.path}: trained on channels {m.spec["channels"]}, but the store has '
+      raise ValueError(f'{where}: trained on channels {m.spec["channels"]}, but the store has '
                        f'{store.channels}')
+    if store.kind == 'images':
+      max_value = float(np.iinfo(store.manifest['dtype']).max)
+      if max_value != m.norm.max_value:
+        raise ValueError(f'{where}: trained on images scaled by {m.norm.max_value:g}, the store '
+                         f'holds {store.manifest["dtype"]} (max {max_value:g}); convert it alike')
+      if m.spec['crop_size'] > min(store.item_shape[:2]):
+        raise ValueError(f'{where}: the model takes {m.spec["crop_size"]}-pixel crops, the store\'s '
+                         f'images are {store.item_shape[0]}x{store.item_shape[1]}')
     if [c['id'] for c in m.spec['classes']] != [c['id'] for c in first['classes']]:
       raise ValueError(f'{m.path}: its classes differ from {members[0].path}\'s')
     for key in ('crop_size', 'eval'):
@@ -160,12 +163,10 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
   e, num_classes = spec['eval'], len(spec['classes'])
   probs, frame = None, None
   for m in members:
-    batches = pipeline.evaluation_batches(
-        store, plates, num_perturbed=e['num_perturbed'],
-        num_controls=e['num_controls'] if m.method.eval_controls else 0,
-        contexts_per_batch=contexts_per_step, crop_size=spec['crop_size'], seed=e['seed'],
-        require_labels=False, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    batches = protocol.context_batches(
+        store, plates, m.method, num_perturbed=e['num_perturbed'], num_controls=e['num_controls'],
+        contexts_per_step=contexts_per_step, crop_size=spec['crop_size'], seed=e['seed'],
+        too_few=e.get('too_few', 'replace'), require_labels=False)
     eval_step = compiled_eval_step(m.model, m.method, m.preprocess, mesh)
     member_frame, _, _ = protocol.run_contexts(store, mesh, eval_step, m.variables, batches)
     p = member_frame[metrics_lib.prob_columns(num_classes)].to_numpy()

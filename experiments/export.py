@@ -8,7 +8,9 @@ from csarm_jax import inference
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished (or running) training run.')
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the export to.')
-_WHICH = flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Checkpoint to export.')
+_WHICH = flags.DEFINE_enum('which', 'selected', ['selected', 'best', 'latest'],
+                           'Checkpoint to export; selected = what the run evaluated (best by '
+                           'validation loss if it had validation plates, else the latest).')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 

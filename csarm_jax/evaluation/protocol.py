@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-import csarm_jax as cj
+from csarm_jax import adaptation
 from csarm_jax.data import pipeline
 from csarm_jax.evaluation.metrics import prob_columns
 from csarm_jax.nn import RUNNING
@@ -47,18 +47,29 @@ def predictions_frame(store, rows: np.ndarray, logits: np.ndarray, context: np.n
   return pd.concat([joined, frame.drop(columns='row')], axis=1)
 
 
-def _eval_batches(exp, plates, alpha: float | None = None, require_labels: bool = True):
-  c = exp.config
+def context_batches(store, plates, method, *, num_perturbed: int, num_controls: int,
+                    contexts_per_step: int, crop_size: int | None, seed: int, too_few: str,
+                    num_threads: int = 2, alpha: float | None = None, require_labels: bool = True,
+                    max_images_per_plate: int | None = None):
+  """The evaluation batches of ``plates`` under ``method``'s test-time rule -- the one builder of
+  evaluation and prediction (controls only for methods that use them; this process's share)."""
   return pipeline.evaluation_batches(
-      exp.store, plates, num_perturbed=c.eval.num_perturbed,
-      num_controls=c.eval.num_controls if exp.method.eval_controls else 0,
-      contexts_per_batch=c.eval.contexts_per_step,
-      crop_size=c.data.crop_size if exp.store.kind == 'images' else None,
-      seed=c.eval.label_shift_seed if alpha is not None else c.eval.seed,
-      label_shift_alpha=alpha, too_few=c.data.too_few, require_labels=require_labels,
-      max_images_per_plate=c.eval.max_images_per_plate,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=c.data.num_threads)
+      store, plates, num_perturbed=num_perturbed,
+      num_controls=num_controls if method.eval_controls else 0,
+      contexts_per_batch=contexts_per_step, crop_size=crop_size if store.kind == 'images' else None,
+      seed=seed, label_shift_alpha=alpha, too_few=too_few, require_labels=require_labels,
+      max_images_per_plate=max_images_per_plate, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_threads=num_threads)
+
+
+def _eval_batches(exp, plates, alpha: float | None = None):
+  c = exp.config
+  return context_batches(
+      exp.store, plates, exp.method, num_perturbed=c.eval.num_perturbed,
+      num_controls=c.eval.num_controls, contexts_per_step=c.eval.contexts_per_step,
+      crop_size=c.data.crop_size, seed=c.eval.label_shift_seed if alpha is not None else c.eval.seed,
+      too_few=c.data.too_few, num_threads=c.data.num_threads, alpha=alpha,
+      max_images_per_plate=c.eval.max_images_per_plate)
 
 
 def run_contexts(store, mesh, eval_step, variables, batches: Iterable[dict[str, np.ndarray]]
@@ -97,7 +108,7 @@ def whole_plate_predictions(exp, variables, plates) -> pd.DataFrame:
   c, method, model = exp.config, exp.method, exp.model
   crop = c.data.crop_size if exp.store.kind == 'images' else None
   plates, contexts = pipeline.whole_plates(exp.store, plates, require_controls=method.eval_controls)
-  predict = jax.jit(cj.predict, static_argnums=0)
+  predict = jax.jit(adaptation.predict, static_argnums=0)
   running = jax.jit(lambda v, x: model.apply(v, x, norm=RUNNING))
   rows, logits, ids = [], [], []
   for i, context in enumerate(contexts):
@@ -106,7 +117,7 @@ def whole_plate_predictions(exp, variables, plates) -> pd.DataFrame:
         use = b['mask'] * (~b['is_control'] | method.eval_controls)   # drop controls if unused
         yield exp.preprocess(b['images']), method.weights(jnp.asarray(use), jnp.asarray(b['is_control']))
     if method.eval_norm != RUNNING:
-      stats = cj.plate_statistics(model, variables, chunks=chunks)
+      stats = adaptation.plate_statistics(model, variables, chunks=chunks)
     for b in pipeline.context_chunks(exp.store, context, c.eval.chunk_size, crop):
       keep = (b['mask'] > 0) & ~b['is_control']
       x = exp.preprocess(b['images'])

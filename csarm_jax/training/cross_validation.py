@@ -12,20 +12,13 @@ from typing import Sequence
 import ml_collections
 import pandas as pd
 
-from csarm_jax.data import splits
 from csarm_jax.training import experiment, loop
 
 METRICS = ('accuracy', 'balanced_accuracy', 'macro_f1', 'well_accuracy')
 
 
 def num_folds(config: ml_collections.ConfigDict) -> int:
-  store = experiment.open_run_store(config)
-  s = config.split
-  return len(splits.make_folds(store.table, kind=s.kind, num_folds=s.num_folds,
-                               validation_by=s.validation_by,
-                               validation_fraction=s.validation_fraction,
-                               in_domain_fraction=s.in_domain_fraction,
-                               unseen_batches_fraction=s.unseen_batches_fraction, seed=s.seed))
+  return len(experiment.make_run_folds(config, experiment.open_run_store(config)))
 
 
 def run_dir(workdir: str, fold: int, seed: int) -> str:

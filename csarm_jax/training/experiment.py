@@ -16,6 +16,7 @@ import optax
 import flax.linen as nn
 import ml_collections
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from csarm_jax import methods, models
@@ -105,11 +106,31 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
   return optax.sgd(lr, momentum=0.9)
 
 
+def _on_lead_process(name: str, write) -> None:
+  """Runs ``write`` on process 0 only; every process waits until it is done (multi-host)."""
+  if jax.process_index() == 0:
+    write()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def make_run_folds(config: ml_collections.ConfigDict, store: ImageStore) -> list[splits.Fold]:
+  s = config.split
+  try:
+    return splits.make_folds(store.table, kind=s.kind, num_folds=s.num_folds,
+                             validation_by=s.validation_by,
+                             validation_fraction=s.validation_fraction,
+                             in_domain_fraction=s.in_domain_fraction,
+                             unseen_batches_fraction=s.unseen_batches_fraction, seed=s.seed)
+  except splits.SplitError as e:
+    raise ConfigError(f'config.split: {e}') from None
+
+
 def open_run_store(config: ml_collections.ConfigDict) -> ImageStore:
   if config.synthetic.preset:
     from csarm_jax.data import synthetic      # builds the benchmark on first use
-    if jax.process_index() == 0:
-      synthetic.ensure(config.store, config.synthetic.preset, seed=config.synthetic.seed)
+    _on_lead_process('csarm_synthetic_store', lambda: synthetic.ensure(
+        config.store, config.synthetic.preset, seed=config.synthetic.seed))
   elif '://' not in config.store and not os.path.exists(config.store):
     raise ConfigError(f'config.store: {config.store!r} does not exist (give a store built by '
                       f'data_prep/make_synthetic.py or data_prep/jump_convert.py)')
@@ -122,14 +143,7 @@ def open_run_store(config: ml_collections.ConfigDict) -> ImageStore:
 def select_fold(config: ml_collections.ConfigDict, store: ImageStore, workdir: str) -> splits.Fold:
   """The run's fold; saved in the workdir and, on resume, reloaded and checked against the config."""
   s = config.split
-  try:
-    folds = splits.make_folds(store.table, kind=s.kind, num_folds=s.num_folds,
-                              validation_by=s.validation_by,
-                              validation_fraction=s.validation_fraction,
-                              in_domain_fraction=s.in_domain_fraction,
-                              unseen_batches_fraction=s.unseen_batches_fraction, seed=s.seed)
-  except splits.SplitError as e:
-    raise ConfigError(f'config.split: {e}') from None
+  folds = make_run_folds(config, store)
   _require(0 <= s.fold < len(folds), 'split.fold', f'{s.fold} is out of range: the {s.kind} split '
            f'has {len(folds)} folds')
   fold = folds[s.fold]
@@ -138,8 +152,8 @@ def select_fold(config: ml_collections.ConfigDict, store: ImageStore, workdir: s
     saved = splits.Fold.load(path)
     _require(saved == fold, 'split', f'the workdir holds a different fold ({path}); use a new '
              f'workdir or the config that made it')
-  elif jax.process_index() == 0:
-    fold.save(path)
+  else:
+    _on_lead_process('csarm_fold', lambda: fold.save(path))
   return fold
 
 
@@ -147,16 +161,15 @@ def fold_normalization(config: ml_collections.ConfigDict, store: ImageStore, fol
                        workdir: str) -> normalization.NormStats:
   """Per-channel statistics of the fold's training perturbed images, computed once per workdir."""
   path = os.path.join(workdir, 'normalization.json')
-  if os.path.exists(path):
-    return normalization.NormStats.load(path)
-  t = store.table
-  rows = t.loc[t['Metadata_Plate'].isin(fold.train) & (t['label'] >= 0), 'row'].to_numpy()
-  logging.info('normalisation statistics over %d training images', len(rows))
-  norm = normalization.compute_normalization(store, rows, max_images=config.data.norm_max_images,
-                                             seed=config.seed)
-  if jax.process_index() == 0:
-    norm.save(path)
-  return norm
+  if not os.path.exists(path):
+    def compute():
+      t = store.table
+      rows = t.loc[t['Metadata_Plate'].isin(fold.train) & (t['label'] >= 0), 'row'].to_numpy()
+      logging.info('normalisation statistics over %d training images', len(rows))
+      normalization.compute_normalization(store, rows, max_images=config.data.norm_max_images,
+                                          seed=config.seed).save(path)
+    _on_lead_process('csarm_normalization', compute)
+  return normalization.NormStats.load(path)
 
 
 def schedule_length(config: ml_collections.ConfigDict, store: ImageStore,
@@ -201,3 +214,23 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   steps_per_epoch, total_steps = schedule_length(config, store, fold)
   return Experiment(config, store, fold, norm, model, method, make_optimizer(config, total_steps), mesh,
                     steps_per_epoch, total_steps)
+
+
+def model_spec(exp) -> dict[str, Any]:
+  """What a run writes to ``workdir/model.json``: enough to rebuild its model and protocol."""
+  c = exp.config
+  return {'model': {'name': c.model.name, 'num_classes': len(exp.store.class_ids),
+                    'options': _model_options(exp.model, c), 'dtype': c.model.dtype},
+          'method': exp.method.name, 'store_kind': exp.store.kind,
+          'channels': exp.store.channels,
+          'classes': [{'id': i, 'name': n} for i, n in zip(exp.store.class_ids, exp.store.class_names)],
+          'crop_size': c.data.crop_size if exp.store.kind == 'images' else None,
+          'eval': {'num_perturbed': c.eval.num_perturbed, 'num_controls': c.eval.num_controls,
+                   'seed': c.eval.seed, 'too_few': c.data.too_few}}
+
+
+def _model_options(model: nn.Module, config) -> dict[str, Any]:
+  options = dict(config.model.options)
+  key = 'in_features' if model.input_rank == 2 else 'in_channels'
+  options[key] = int(model.in_channels)
+  return options

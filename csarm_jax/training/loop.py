@@ -26,7 +26,6 @@ import pandas as pd
 from absl import logging
 from tqdm import tqdm
 
-from csarm_jax import inference
 from csarm_jax.data import pipeline
 from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
@@ -290,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
     with open(os.path.join(workdir, 'model.json'), 'w') as f:
-      json.dump(inference.model_spec(exp), f, indent=1)
+      json.dump(experiment.model_spec(exp), f, indent=1)
   logging.info('%s | %s | %s on %d devices | %d steps/epoch, at most %d steps',
                exp.fold.description, exp.method.name, config.model.name, exp.mesh.size,
                exp.steps_per_epoch, exp.total_steps)
