@@ -29,6 +29,8 @@ flags.DEFINE_list('crop', [], 'Crop after downsampling: H,W or one side; empty: 
 flags.DEFINE_integer('shard_items', _DEFAULT.shard_items, 'Sites per shard (the unit of work).')
 flags.DEFINE_enum('compression', _DEFAULT.compression, ['zstd', 'lz4', 'none'],
                   'Store codec: zstd is smallest (buckets); none reads fastest (local SSD).')
+flags.DEFINE_integer('tile', _DEFAULT.tile, 'Side of the square tiles an image is stored in (a '
+                     'crop decodes only the tiles it touches); must divide the crop; 0: auto.')
 flags.DEFINE_bool('overwrite', False, 'Delete a store already at --out (or started with other '
                   'options) and start again.')
 
@@ -42,7 +44,7 @@ def main(argv):
   options = convert_lib.ConvertOptions(
       downsample=FLAGS.downsample, clip_percentile=FLAGS.clip_percentile, dtype=FLAGS.dtype,
       illum=FLAGS.illum, crop=crop or None, shard_items=FLAGS.shard_items,
-      compression=FLAGS.compression)
+      compression=FLAGS.compression, tile=FLAGS.tile)
   convert_lib.convert_sites(FLAGS.index, FLAGS.out, options, workers=FLAGS.workers,
                             overwrite=FLAGS.overwrite, command=' '.join(sys.argv))   # logs the QC line
 

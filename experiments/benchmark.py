@@ -39,6 +39,7 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after one compile step).
 _STORE_SIZES = flags.DEFINE_list('store_sizes', ['512', '2048'],
                                  'loader/train: images per benchmark store (540x540x5 uint8).')
 _COMPRESSIONS = flags.DEFINE_list('compressions', ['zstd'], 'loader: store compressions.')
+_TILES = flags.DEFINE_list('tiles', ['0'], 'loader: store tile sides (0: default; 540: whole images).')
 _THREADS = flags.DEFINE_integer('num_threads', 2, 'loader/train: grain reader threads.')
 
 
@@ -90,15 +91,21 @@ def _setup():
   return model, method, mesh, state, step
 
 
-def _shapes() -> dict[str, Any]:
+def _controls(method) -> int:
+  """Controls per training context: --controls for methods that train with them, else 0."""
+  return _CONTROLS.value if method.train_controls else 0
+
+
+def _shapes(method) -> dict[str, Any]:
   return {'contexts_per_step': _CONTEXTS.value, 'perturbed': _PERTURBED.value,
-          'controls': _CONTROLS.value, 'crop': [_IMAGE_SIZE.value, _IMAGE_SIZE.value, _CHANNELS.value]}
+          'controls': _controls(method),
+          'crop': [_IMAGE_SIZE.value, _IMAGE_SIZE.value, _CHANNELS.value]}
 
 
-def _random_batch(mesh):
+def _random_batch(mesh, method):
   import numpy as np
   from csarm_jax import parallel
-  c, n, k, size, ch = (_CONTEXTS.value, _PERTURBED.value, _CONTROLS.value, _IMAGE_SIZE.value,
+  c, n, k, size, ch = (_CONTEXTS.value, _PERTURBED.value, _controls(method), _IMAGE_SIZE.value,
                        _CHANNELS.value)
   rng = np.random.default_rng(0)
   labels = np.full((c, n + k), -1, np.int32)
@@ -116,10 +123,10 @@ def step_benchmark() -> dict[str, Any]:
   import csarm_jax as cj
 
   model, method, mesh, state, step = _setup()
-  batch = _random_batch(mesh)
+  batch = _random_batch(mesh, method)
   compile_s, times, state = _time_steps(step, state, batch)
   step_s = statistics.median(times)
-  m = _PERTURBED.value + _CONTROLS.value
+  m = _PERTURBED.value + _controls(method)
 
   variables = jax.device_get(state).variables
   context = jnp.asarray(np.asarray(batch['images'][0]), jnp.float32) / 255.0
@@ -132,7 +139,7 @@ def step_benchmark() -> dict[str, Any]:
   params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params']))
   return {
       'bench': 'step', 'host': host_info(), 'model': _MODEL.value, 'width': _WIDTH.value,
-      'params': params, 'dtype': _DTYPE.value, 'method': method.name, 'shapes': _shapes(),
+      'params': params, 'dtype': _DTYPE.value, 'method': method.name, 'shapes': _shapes(method),
       'compile_plus_first_step_s': round(compile_s, 3), 'step_s_median': round(step_s, 4),
       'step_s_all': [round(t, 4) for t in times],
       'images_per_s': round(_CONTEXTS.value * m / step_s, 1),
@@ -156,7 +163,8 @@ def _memory_stats() -> dict[str, int] | None:
 def loader_benchmark() -> dict[str, Any]:
   import benchmark_loader
   return benchmark_loader.loader_benchmark(
-      [int(s) for s in _STORE_SIZES.value], _COMPRESSIONS.value, _PERTURBED.value, _CONTROLS.value,
+      [int(s) for s in _STORE_SIZES.value], _COMPRESSIONS.value, [int(t) for t in _TILES.value],
+      _PERTURBED.value, _CONTROLS.value,
       _CONTEXTS.value, _IMAGE_SIZE.value, num_batches=_STEPS.value, num_threads=_THREADS.value)
 
 
@@ -180,7 +188,7 @@ def train_benchmark() -> dict[str, Any]:
     store = data.open_store(path)
     batches = data.training_batches(
         store, sorted(store.table['Metadata_Plate'].unique()), num_perturbed=_PERTURBED.value,
-        num_controls=_CONTROLS.value if method.train_controls else 0,
+        num_controls=_controls(method),
         contexts_per_batch=_CONTEXTS.value, crop_size=_IMAGE_SIZE.value,
         mode=method.train_sampling, num_threads=_THREADS.value)
     wait, total = [], []
@@ -193,11 +201,11 @@ def train_benchmark() -> dict[str, Any]:
       if i:                                     # the first step compiles
         wait.append(fetched - start)
         total.append(time.perf_counter() - start)
-    _, compute, _ = _time_steps(step, state, _random_batch(mesh))
-    m = _PERTURBED.value + (_CONTROLS.value if method.train_controls else 0)
+    _, compute, _ = _time_steps(step, state, _random_batch(mesh, method))
+    m = _PERTURBED.value + _controls(method)
     step_s, compute_s = statistics.median(total), statistics.median(compute)
     return {'bench': 'train', 'host': host_info(), 'model': _MODEL.value, 'width': _WIDTH.value,
-            'dtype': _DTYPE.value, 'method': method.name, 'shapes': _shapes(), 'store': built,
+            'dtype': _DTYPE.value, 'method': method.name, 'shapes': _shapes(method), 'store': built,
             'num_threads': _THREADS.value, 'end_to_end_step_s_median': round(step_s, 4),
             'images_per_s': round(_CONTEXTS.value * m / step_s, 1),
             'data_wait_fraction': round(sum(wait) / sum(total), 3),

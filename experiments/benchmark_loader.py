@@ -8,7 +8,8 @@ training contexts (N perturbed + K controls of one plate, random 256 crops and f
 ``training_batches`` and prints JSON: host, shapes, images/s (controls counted, per core and per
 CPU-second), single-thread per-context latency (sampling; the pipeline's cropped read; for
 comparison, a whole-image read then numpy crops) and resident memory (RSS) sampled while serving --
-for each store size, to show it does not grow with the store, and each store compression.
+for each store size, to show it does not grow with the store, and each store compression and tile
+side (0: the store's default tiling; 540: one chunk per image, the layout before tiles).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def _templates(rng: np.random.Generator, count: int) -> np.ndarray:
 
 def make_benchmark_store(path: str, num_images: int, plate_size: tuple[int, int] = (96, 160),
                          seed: int = 0, shard_items: int = 64,
-                         compression: str = 'zstd') -> dict[str, Any]:
+                         compression: str = 'zstd', tile: int = 0) -> dict[str, Any]:
   """A store of ``num_images`` 540x540x5 uint8 images in plates of (perturbed, controls) images."""
   rng = np.random.default_rng(seed)
   templates, noise = _templates(rng, 12), rng.integers(0, 8, (4, *IMAGE_SHAPE), dtype=np.uint8)
@@ -90,7 +91,7 @@ def make_benchmark_store(path: str, num_images: int, plate_size: tuple[int, int]
   table = pd.DataFrame(rows)
   table['row'] = np.arange(num_images)
   array = data.create_array(path, num_images, IMAGE_SHAPE, 'uint8', shard_items=shard_items,
-                            compression=compression)
+                            compression=compression, tile=tile or None)
   start_time, pending = time.perf_counter(), []
   for start in range(0, num_images, shard_items):
     n = min(shard_items, num_images - start)
@@ -110,7 +111,8 @@ def make_benchmark_store(path: str, num_images: int, plate_size: tuple[int, int]
                                 {'tool': 'experiments/benchmark_loader.py', 'seed': seed})
   data.write_metadata(path, table, manifest)
   disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-  return {'num_images': num_images, 'compression': compression, 'plates': int(table['Metadata_Plate'].nunique()),
+  return {'num_images': num_images, 'compression': compression,
+          'tile': int(array.chunk_layout.read_chunk.shape[1]), 'plates': int(table['Metadata_Plate'].nunique()),
           'write_images_per_s': round(num_images / write_s, 1),
           'disk_mib': round(disk / 2 ** 20, 1),
           'compression_ratio': round(float(num_images * np.prod(IMAGE_SHAPE) / disk), 2)}
@@ -161,11 +163,12 @@ def _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_
 
 
 def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
-                     compressions: Sequence[str] = ('zstd',), num_perturbed: int = 64,
+                     compressions: Sequence[str] = ('zstd',), tiles: Sequence[int] = (0,),
+                     num_perturbed: int = 64,
                      num_controls: int = 128, contexts_per_batch: int = 8, crop_size: int = 256,
                      num_batches: int = 6, num_threads: int = 2, latency_repeats: int = 5,
                      workdir: str | None = None, keep_stores: bool = False) -> dict[str, Any]:
-  """Builds one store per (compression, size) under ``workdir`` (a temporary directory by
+  """Builds one store per (compression, tile, size) under ``workdir`` (a temporary directory by
   default), serves ``num_batches`` batches from each and returns the figures as a JSON-ready dict."""
   cores = len(os.sched_getaffinity(0))
   result = {
@@ -174,14 +177,14 @@ def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
       'settings': {'image_shape': list(IMAGE_SHAPE), 'dtype': 'uint8', 'crop_size': crop_size,
                    'flips': True, 'num_perturbed': num_perturbed, 'num_controls': num_controls,
                    'contexts_per_batch': contexts_per_batch, 'num_batches': num_batches,
-                   'num_threads': num_threads, 'store': 'zarr3, 64 images/shard, 1 image/chunk'},
+                   'num_threads': num_threads, 'store': 'zarr3, 64 images/shard, tile x tile chunks'},
       'stores': [],
   }
   root = workdir or tempfile.mkdtemp(prefix='csarm_loader_bench_')
   try:
-    for compression, size in itertools.product(compressions, store_sizes):
-      path = os.path.join(root, f'store_{compression}_{size}')
-      built = make_benchmark_store(path, size, compression=compression)
+    for compression, tile, size in itertools.product(compressions, tiles, store_sizes):
+      path = os.path.join(root, f'store_{compression}_{tile}_{size}')
+      built = make_benchmark_store(path, size, compression=compression, tile=tile)
       store = data.open_store(path)
       plates = sorted(store.table['Metadata_Plate'].unique())
       served = _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_size,
@@ -204,6 +207,7 @@ if __name__ == '__main__':
 
   flags.DEFINE_list('store_sizes', ['512', '2048'], 'images per store (one run per size)')
   flags.DEFINE_list('compressions', ['zstd'], "store compressions to compare: zstd, lz4, none")
+  flags.DEFINE_list('tiles', ['0'], 'tile sides to compare (0: the default; 540: whole images)')
   flags.DEFINE_integer('num_perturbed', 64, 'perturbed images per context (N)')
   flags.DEFINE_integer('num_controls', 128, 'control images per context (K)')
   flags.DEFINE_integer('contexts_per_batch', 8, 'contexts per batch (C)')
@@ -217,7 +221,8 @@ if __name__ == '__main__':
   def main(argv):
     del argv
     print(json.dumps(loader_benchmark(
-        [int(s) for s in FLAGS.store_sizes], FLAGS.compressions, FLAGS.num_perturbed, FLAGS.num_controls,
+        [int(s) for s in FLAGS.store_sizes], FLAGS.compressions, [int(t) for t in FLAGS.tiles],
+        FLAGS.num_perturbed, FLAGS.num_controls,
         FLAGS.contexts_per_batch, FLAGS.crop_size, FLAGS.num_batches, FLAGS.num_threads,
         workdir=FLAGS.workdir, keep_stores=FLAGS.keep_stores), indent=2))
 

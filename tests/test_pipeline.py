@@ -59,10 +59,13 @@ def test_random_crop_flip_and_center_crop_against_slicing():
     augment.center_crop(images, 21)
 
 
-@pytest.mark.parametrize('compression', ['zstd', 'lz4', 'none'])
-def test_store_windows_equal_numpy_windows(tmp_path, compression):
-  _, items = write_store(tmp_path, compression=compression)
+@pytest.mark.parametrize('compression, tile', [('zstd', None), ('lz4', None), ('none', None),
+                                               ('zstd', 5), ('none', 4)])
+def test_store_windows_equal_numpy_windows(tmp_path, compression, tile):
+  # Tiled images: a crop crosses tile borders and must still read back exactly.
+  _, items = write_store(tmp_path, compression=compression, tile=tile)
   store = data.open_store(str(tmp_path))
+  assert store.array.chunk_layout.read_chunk.shape == (1, tile or 20, tile or 20, 5)
   rows = np.array([5, 0, 5, 33, 79])
   for rng in (np.random.default_rng(3), None):
     windows = augment.crop_windows(len(rows), 20, 20, CROP, rng)

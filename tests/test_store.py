@@ -43,6 +43,18 @@ def test_sharded_layout_one_file_per_shard(written):
   assert len([f for f in shard_files if f.is_file()]) == -(-len(table) // 16)
 
 
+def test_tile_side_known_answers():
+  # The largest divisor <= 192, or the whole side when that divisor is under 48 (a prime side).
+  known = {16: 16, 20: 20, 64: 64, 192: 192, 200: 100, 201: 67, 256: 128, 512: 128, 540: 180,
+           541: 541, 1080: 180, 2 * 5 * 41: 82, 4 * 47: 188, 4 * 53: 106, 2 * 193: 386}
+  assert {side: store_lib.tile_side(side) for side in known} == known
+  assert store_lib.tile_side(512, 64) == 64
+  with pytest.raises(store_lib.StoreError, match='tile 100 must be a positive divisor of the image side 512'):
+    store_lib.tile_side(512, 100)
+  with pytest.raises(store_lib.StoreError, match='tile 7'):
+    store_lib.create_array('/nonexistent/never/written', 4, (20, 20, 5), 'uint8', tile=7)
+
+
 def test_feature_store(tmp_path):
   table, items = write_store(tmp_path, item_shape=(7,), dtype='float32')
   store = data.open_store(str(tmp_path))
@@ -60,8 +72,13 @@ def _rewrite(path, table=None, manifest=None):
 @pytest.mark.parametrize('corrupt, message', [
     (lambda t, m: t.assign(Metadata_Plate=np.arange(len(t))), 'Metadata_Plate must hold strings'),
     (lambda t, m: t.drop(columns='label'), r"lacks columns \['label'\]"),
-    (lambda t, m: t.assign(row=0), 'duplicates'),
-    (lambda t, m: t.assign(row=t.row + 1), 'column row must hold integers'),
+    (lambda t, m: t.assign(row=0), 'duplicates .*: 160 rows, e.g. plate source_1_B0_P0 well A01: row = 0'),
+    (lambda t, m: t.assign(row=t.row + 1), "row must index the array's 160 items, but 1 rows, "
+                                           'e.g. plate source_2_B1_P1 well D02: row = 160'),
+    (lambda t, m: t.assign(row=t.row.astype(float)), 'column row must hold integers, found dtype float64'),
+    (lambda t, m: t.assign(label=np.where(t.label == 3, 9, t.label)), r'class id in \[0, 8\), but '
+                                                                     '16 rows, e.g. plate source_1_B0_P0 well D01: label = 9'),
+    (lambda t, m: t.assign(is_control=t.is_control.astype(str)), 'is_control must be boolean'),
     (lambda t, m: t.iloc[:-1], 'silently lost'),
     (lambda t, m: t.assign(label=np.where(t.label >= 0, (t.label + 1) % 8, -1)), 'label disagrees'),
     (lambda t, m: t.assign(is_control=True), 'is_control'),

@@ -3,10 +3,11 @@
 A store is a directory (local path or any tensorstore kvstore URL: ``file://``, ``gs://``, ``s3://``)
 holding three things:
 
-* ``data.zarr`` -- one zarr3 array, sharded along its first axis (``shard_items`` items per file)
-  with one item per inner chunk, blosc-zstd compressed by default, so one item is one read
-  (``create_array(compression=...)``: 'lz4' decodes faster, 'none' lets a crop read only its own
-  bytes -- see BENCHMARKS.md). ``kind='images'``:
+* ``data.zarr`` -- one zarr3 array, sharded along its first axis (``shard_items`` items per file).
+  Inside a shard an image is split into square tiles (inner chunks of ``(1, tile, tile, C)``,
+  blosc-zstd compressed by default), so reading an image, or a crop of it, is one request to one
+  shard file that decodes only the tiles the crop touches (see BENCHMARKS.md; 'lz4' and 'none'
+  decode faster still). ``kind='images'``:
   (N, H, W, C) uint8 or uint16; ``kind='features'``: (N, D) float32 (e.g. CellProfiler profiles).
 * ``metadata.parquet`` -- one row per item, JUMP column names, every ID a string (see ``COLUMNS``);
   ``row`` indexes the array, ``label`` is the class id (-1: unlabelled, e.g. a control) and
@@ -46,6 +47,19 @@ COMPRESSIONS = {
                                                 'shuffle': 'bitshuffle'}}],
     'none': [],
 }
+MAX_TILE, MIN_TILE = 192, 48   # default tile side: the largest divisor of the side in this range
+
+
+def tile_side(side: int, tile: int | None = None) -> int:
+  """The tile side for an image side: ``tile`` if given (it must divide ``side``), else the largest
+  divisor of ``side`` that is at most ``MAX_TILE`` (540 -> 180, 512 -> 128, 64 -> 64), or the whole
+  side when that divisor would be under ``MIN_TILE`` (e.g. a prime side)."""
+  if tile is None:
+    best = max(d for d in range(1, min(side, MAX_TILE) + 1) if side % d == 0)
+    return best if best >= min(MIN_TILE, side) else side
+  if tile < 1 or side % tile:
+    raise StoreError(f'tile {tile} must be a positive divisor of the image side {side}')
+  return tile
 
 
 class StoreError(ValueError):
@@ -75,12 +89,13 @@ def _kind_of(item_shape: Sequence[int]) -> str:
 
 def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: str,
                  shard_items: int = 64, delete_existing: bool = False,
-                 compression: str = 'zstd') -> ts.TensorStore:
+                 compression: str = 'zstd', tile: int | None = None) -> ts.TensorStore:
   """Creates the (N, *item_shape) array: item_shape (H, W, C) for images, (D,) for features.
 
   Write whole shards (``shard_items`` rows, see ``shard_items_of``) from one writer at a time.
   ``compression``: 'zstd' (blosc zstd-3 + bitshuffle: smallest), 'lz4' (blosc lz4 + bitshuffle:
-  faster to decode) or 'none' (fastest crops, largest). Readers need not know which.
+  faster to decode) or 'none' (fastest crops, largest). ``tile``: the side of an image's square
+  inner chunks (default ``tile_side``). Readers need not know either.
   """
   kind = _kind_of(item_shape)
   if kind == 'invalid' or dtype not in DTYPES[kind]:
@@ -89,12 +104,15 @@ def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: st
   if compression not in COMPRESSIONS:
     raise StoreError(f'compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}')
   item = [int(s) for s in item_shape]
+  inner = [1] + item
+  if kind == 'images':
+    inner = [1, tile_side(item[0], tile), tile_side(item[1], tile), item[2]]
   spec = _array_spec(path)
   spec['metadata'] = {
       'shape': [int(num_items)] + item, 'data_type': dtype,
       'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [shard_items] + item}},
       'codecs': [{'name': 'sharding_indexed', 'configuration': {
-          'chunk_shape': [1] + item,
+          'chunk_shape': inner,
           'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
                      *COMPRESSIONS[compression]],
           'index_codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
@@ -156,6 +174,14 @@ def make_manifest(channels: Sequence[str], dtype: str, item_shape: Sequence[int]
           'created_by': created_by, 'num_unused_rows': int(num_unused_rows)}
 
 
+def _first(table: pd.DataFrame, bad: np.ndarray, column: str) -> str:
+  """'N rows, e.g. plate P well W: column = value' for the rows flagged in ``bad``."""
+  row = table.loc[bad].iloc[0]
+  value = row[column].item() if isinstance(row[column], np.generic) else row[column]
+  return (f"{int(bad.sum())} rows, e.g. plate {row['Metadata_Plate']} well {row['Metadata_Well']}: "
+          f'{column} = {value!r}')
+
+
 def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[int, ...],
              array_dtype: str, where: str = '') -> None:
   """Raises StoreError naming the file and column at fault if the three parts disagree."""
@@ -185,19 +211,27 @@ def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[i
         or not table[col].map(lambda v: isinstance(v, str)).all():
       raise StoreError(f'{tb}: column {col} must hold strings (JUMP IDs are strings), '
                        f'found dtype {table[col].dtype}')
+  for col in ('row', 'label'):
+    if not pd.api.types.is_integer_dtype(table[col]):
+      raise StoreError(f'{tb}: column {col} must hold integers, found dtype {table[col].dtype}')
   rows = table['row'].to_numpy()
-  if not pd.api.types.is_integer_dtype(table['row']) or (rows < 0).any() or (rows >= n).any():
-    raise StoreError(f'{tb}: column row must hold integers in [0, {n}) (the array has {n} items)')
-  if len(np.unique(rows)) != len(rows):
-    raise StoreError(f'{tb}: column row has duplicates: two table rows point at one item')
+  outside = (rows < 0) | (rows >= n)
+  if outside.any():
+    raise StoreError(f'{tb}: column row must index the array\'s {n} items, but '
+                     f"{_first(table, outside, 'row')}")
+  repeated = table['row'].duplicated(keep=False).to_numpy()
+  if repeated.any():
+    raise StoreError(f'{tb}: column row has duplicates (table rows pointing at one item): '
+                     f"{_first(table, repeated, 'row')}")
   if n - len(rows) != manifest['num_unused_rows']:
     raise StoreError(f"{tb}: {len(rows)} rows for {n} items, but {mf} declares "
                      f"{manifest['num_unused_rows']} unused rows: items would be silently lost")
   classes = [k['id'] for k in manifest['classes']]
   labels = table['label'].to_numpy()
-  if not pd.api.types.is_integer_dtype(table['label']) or (labels < -1).any() \
-      or (labels >= len(classes)).any():
-    raise StoreError(f'{tb}: column label must hold -1 or a class id in [0, {len(classes)})')
+  unknown = (labels < -1) | (labels >= len(classes))
+  if unknown.any():
+    raise StoreError(f'{tb}: column label must hold -1 or a class id in [0, {len(classes)}), but '
+                     f"{_first(table, unknown, 'label')}")
   labelled = labels >= 0
   expected = np.asarray(classes, dtype=object)[labels[labelled]]
   wrong = table.loc[labelled, 'Metadata_JCP2022'].to_numpy() != expected
@@ -206,10 +240,13 @@ def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[i
     raise StoreError(f"{tb}: column label disagrees with Metadata_JCP2022 in {int(wrong.sum())} rows, "
                      f"e.g. plate {bad['Metadata_Plate']} well {bad['Metadata_Well']}: "
                      f"{bad['Metadata_JCP2022']} labelled {bad['label']}")
-  ctrl = table['is_control'].astype(bool).to_numpy()
-  if (table.loc[ctrl, 'Metadata_JCP2022'] != manifest['control_id']).any() or (labels[ctrl] >= 0).any():
+  if not pd.api.types.is_bool_dtype(table['is_control']):   # 'False' as a string is truthy
+    raise StoreError(f"{tb}: column is_control must be boolean, found dtype {table['is_control'].dtype}")
+  ctrl = table['is_control'].to_numpy()
+  wrong = ctrl & ((table['Metadata_JCP2022'] != manifest['control_id']).to_numpy() | (labels >= 0))
+  if wrong.any():
     raise StoreError(f"{tb}: column is_control marks rows that are not unlabelled "
-                     f"{manifest['control_id']} images")
+                     f"{manifest['control_id']} images: {_first(table, wrong, 'Metadata_JCP2022')}")
   plates = table.groupby('Metadata_Plate')[['Metadata_Source', 'Metadata_Batch']].nunique()
   ambiguous = plates.index[(plates > 1).any(axis=1)]
   if len(ambiguous):

@@ -67,6 +67,7 @@ class ConvertOptions:
   crop: tuple[int, int] | None = None    # (H, W) after downsampling; None: see the module docstring
   shard_items: int = 64                  # sites per shard = per work unit
   compression: str = 'zstd'              # store codec: 'zstd' | 'lz4' | 'none' (fastest reads)
+  tile: int = 0                          # side of the stored tiles (divides the crop); 0: auto
 
   def __post_init__(self):
     if self.dtype not in SCALE_MAX:
@@ -347,6 +348,8 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
                          f'pass overwrite (--overwrite) or another output')
     sizes = probe_sizes(index)
     crop = tuple(options.crop) if options.crop else auto_crop(sizes, options.downsample)
+    for side in crop:   # a bad tile fails before anything is written
+      store_lib.tile_side(side, options.tile or None)
     run = {'request': request, 'item_shape': [*crop, len(CHANNELS)], 'num_items': len(index),
            'command': command, 'index_path': index_path,
            'probed_source_sizes': _source_sizes(index, sizes)}
@@ -366,7 +369,7 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
     store_lib.open_array(out)
   except store_lib.StoreError:
     store_lib.create_array(out, len(index), item_shape, options.dtype, shard_items=options.shard_items,
-                           compression=options.compression)
+                           compression=options.compression, tile=options.tile or None)
   entries = _ledger(kv)
   size = options.shard_items
   num_shards = -(-len(index) // size)

@@ -23,6 +23,7 @@ def _base() -> ml_collections.ConfigDict:
   c.dtype = 'uint8'               # pixel type of the store: 'uint8' | 'uint16'
   c.shard_items = 64              # images per shard file of the store: the unit of parallel work
   c.compression = 'zstd'          # store codec: 'zstd' (smallest) | 'lz4' | 'none' (fastest reads)
+  c.tile = 0                      # side of an image's stored tiles (divides image_size); 0: auto
 
   c.layout = ml_collections.ConfigDict()
   c.layout.num_sources = 3        # labs (source_1, source_2, ...); leave-one-source-out needs >= 3
@@ -137,6 +138,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.dtype in ('uint8', 'uint16'), 'dtype', "must be 'uint8' or 'uint16'"),
       (config.shard_items >= 1, 'shard_items', 'must be >= 1'),
       (config.compression in ('zstd', 'lz4', 'none'), 'compression', "must be zstd, lz4 or none"),
+      (config.tile == 0 or (config.tile > 0 and config.image_size % config.tile == 0), 'tile',
+       'must be 0 (auto) or a divisor of image_size'),
       (layout.NUM_CLASSES * lay.wells_per_class + lay.control_wells
        <= len(layout.ROWS) * layout.COLS,
        'layout.control_wells', f'{layout.NUM_CLASSES} x wells_per_class + control_wells must fit '

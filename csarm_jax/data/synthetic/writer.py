@@ -118,7 +118,7 @@ def generate(config: ml_collections.ConfigDict, out: str, seed: int = 0, workers
   if state is None:
     os.makedirs(out, exist_ok=True)
     store.create_array(out, len(table), item_shape, config.dtype, shard_items=config.shard_items,
-                       compression=config.compression)
+                       compression=config.compression, tile=config.tile or None)
     done: set[int] = set()
     _write_progress(out, fingerprint, done)
   else:
