@@ -39,7 +39,6 @@ def _check_rows(ctx, index):
   np.testing.assert_array_equal(ctx.is_control[real], info['is_control'])
   np.testing.assert_array_equal(ctx.labels[real], np.where(info['is_control'], -1, info['label']))
   assert (ctx.labels[~real] == -1).all() and not ctx.is_control[~real].any()
-  assert (ctx.mask == real).all()
   # layout: real rows first, perturbed before controls
   assert real[:ctx.num_real].all() and not ctx.is_control[:(~ctx.is_control & real).sum()].any()
 

@@ -109,7 +109,14 @@ def test_sigterm_saves_and_resumes_exactly(finished, store_path, tmp_path):
       os.kill(os.getpid(), signal.SIGTERM)
   with pytest.raises(loop.Preempted, match='SIGTERM at step 3'):
     loop.train_and_evaluate(config, workdir, on_step=preempt)
-  assert checkpoint.Checkpoints(workdir).latest_step() == 3
+  ckpt = checkpoint.Checkpoints(workdir)
+  assert ckpt.latest_step() == 3
+  saved = ckpt.saved_config()                          # the config travels with the checkpoint
+  ckpt.close()
+  assert saved == json.loads(config.to_json_best_effort())
+  changed = ml_collections.ConfigDict(config.to_dict())
+  changed.eval.seed += 1
+  assert loop._warn_changed_config(saved, json.loads(changed.to_json_best_effort())) == ['eval.seed']
   loop.train_and_evaluate(config, workdir)
   chex.assert_trees_all_equal(_params(workdir, config).params, _params(workdir_a, config).params)
 

@@ -70,10 +70,6 @@ class Context:
   is_control: np.ndarray
 
   @property
-  def mask(self) -> np.ndarray:
-    return (self.rows >= 0).astype(np.float32)
-
-  @property
   def num_real(self) -> int:
     return int((self.rows >= 0).sum())
 

@@ -1,9 +1,11 @@
 """Orbax checkpoints of a run: ``latest`` (resume), ``best`` (by validation loss) and ``diverged``
 (the state that produced a NaN/inf loss, for post-mortems; never resumed from).
 
-Each checkpoint holds three items: ``state`` (the TrainState pytree: parameters, running BN averages,
-optimizer state, step, RNG), ``data`` (the training iterator's state) and ``meta`` (loop
-bookkeeping -- epoch, early-stopping counters, history -- and the config). Restores go through an
+Each checkpoint holds four items: ``state`` (the TrainState pytree: parameters, running BN averages,
+optimizer state, step, and an RNG key reserved for methods that draw randomness on device -- the
+current ones do not), ``data`` (the training iterator's state), ``meta`` (loop bookkeeping --
+epoch, early-stopping counters, history) and ``config`` (the run's config, a record: runs resume
+from the config they are given, and the loop logs the keys that changed since). Restores go through an
 abstract target carrying the *current* shardings, so a checkpoint written on 8 devices restores on
 1 (orbax otherwise refuses a topology change).
 """
@@ -18,7 +20,7 @@ LATEST, BEST, DIVERGED = 'latest', 'best', 'diverged'
 
 
 class Checkpoints:
-  """``save(which, step, state, data, meta)`` / ``restore(which, abstract_state)``."""
+  """``save(which, step, state, data, meta, config)`` / ``restore(which, abstract_state)``."""
 
   def __init__(self, workdir: str, keep_latest: int = 2):
     root = os.path.join(os.path.abspath(workdir), 'checkpoints')
@@ -36,13 +38,15 @@ class Checkpoints:
   def latest_step(self, which: str = LATEST) -> int | None:
     return self._managers[which].latest_step()
 
-  def save(self, which: str, step: int, state: Any, data: dict[str, Any], meta: dict[str, Any]) -> None:
+  def save(self, which: str, step: int, state: Any, data: dict[str, Any], meta: dict[str, Any],
+           config: dict[str, Any]) -> None:
     manager = self._managers[which]
     if manager.latest_step() == step:          # already saved (e.g. SIGTERM right after a save)
       return
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                data=ocp.args.JsonSave(data),
-                                               meta=ocp.args.JsonSave(meta)))
+                                               meta=ocp.args.JsonSave(meta),
+                                               config=ocp.args.JsonSave(config)))
 
   def restore(self, which: str, abstract_state: Any, step: int | None = None
               ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
@@ -55,6 +59,13 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], restored['meta']
+
+  def saved_config(self, which: str = LATEST) -> dict[str, Any] | None:
+    """The config saved with the newest ``which`` checkpoint (None: none, or saved without one)."""
+    manager, step = self._managers[which], self.latest_step(which)
+    if step is None or 'config' not in (manager.item_metadata(step) or {}):
+      return None
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
   def restore_selected(self, abstract_state: Any, prefer_best: bool = True):
     """(state, data, meta, which) of the best checkpoint (if preferred and present) or the

@@ -90,6 +90,25 @@ def _fresh_meta() -> dict[str, Any]:
           'history': [], 'stopped_early': False}
 
 
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    out.update(_flatten(value, f'{prefix}{key}.') if isinstance(value, dict) else {prefix + key: value})
+  return out
+
+
+def _warn_changed_config(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+  """Logs (and returns) the config keys whose value differs from the checkpoint's config."""
+  if saved is None:
+    return []
+  before, now = _flatten(saved), _flatten(current)
+  changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+  if changed:
+    logging.warning('resuming with a config that differs from the checkpoint\'s in %s: %s',
+                    len(changed), ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed))
+  return changed
+
+
 def train(exp: experiment.Experiment, workdir: str,
           on_step: Callable[[int], None] | None = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains to the end of the schedule or early stopping; returns (best state, loop bookkeeping)."""
@@ -105,6 +124,7 @@ def train(exp: experiment.Experiment, workdir: str,
     state, data_state, meta = restored
     batches.set_state(data_state)
     logging.info('resumed from step %d (epoch %d)', int(state.step), meta['epoch'])
+    _warn_changed_config(ckpt.saved_config(), json.loads(c.to_json_best_effort()))
   else:
     state = jax.device_put(state, repl)
 
@@ -118,8 +138,10 @@ def train(exp: experiment.Experiment, workdir: str,
   pending: list[dict[str, jax.Array]] = []
   window_start, window_images = time.perf_counter(), 0
 
+  config_record = json.loads(c.to_json_best_effort())
+
   def save(which: str) -> None:
-    ckpt.save(which, step, state, batches.get_state(), meta)
+    ckpt.save(which, step, state, batches.get_state(), meta, config_record)
 
   bar = tqdm(total=exp.total_steps, initial=step, disable=not lead, unit='step', dynamic_ncols=True)
   try:
@@ -149,7 +171,7 @@ def train(exp: experiment.Experiment, workdir: str,
                           img_s=f"{summary['images_per_s']:.0f}")
           saving = evaluate_now or checkpoint_now or sigterm.raised
           if not np.isfinite(summary['loss']) or (saving and not bool(_all_finite(state.params))):
-            ckpt.save(checkpoint.DIVERGED, step, state, batches.get_state(), meta)
+            ckpt.save(checkpoint.DIVERGED, step, state, batches.get_state(), meta, config_record)
             ckpt.wait()
             good = ckpt.latest_step(checkpoint.LATEST)
             raise FloatingPointError(
