@@ -1,4 +1,5 @@
 """JUMP index -> image store: pixels against a numpy oracle, QC, resuming, idempotence, workers."""
+import json
 import os
 
 import numpy as np
@@ -162,7 +163,15 @@ def test_two_workers_write_the_same_store(converted, index_path, tmp_path):
 
 def test_other_options_are_refused_until_overwrite(index_path, mirror, tmp_path):
   out = tmp_path / 'store'
-  _convert(index_path, out)
+  counts = _convert(index_path, out)
+  # A run recorded before an option existed resumes as if it had asked for that option's default.
+  run_json = out / convert_lib.RUN_KEY
+  run = json.loads(run_json.read_text())
+  del run['request']['options']['tile']
+  run_json.write_text(json.dumps(run))
+  assert _convert(index_path, out) == counts
+  with pytest.raises(jump.ConvertError, match='other options'):
+    _convert(index_path, out, jump.ConvertOptions(tile=8))
   uint16 = jump.ConvertOptions(clip_percentile=98.0, shard_items=4, dtype='uint16')
   with pytest.raises(jump.ConvertError, match='other options'):
     _convert(index_path, out, uint16)

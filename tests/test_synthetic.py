@@ -139,6 +139,10 @@ def test_ensure_reuses_resumes_and_refuses(tiny, tmp_path, monkeypatch):
   before = manifest.stat().st_mtime_ns
   assert synthetic.ensure(str(tiny), 'tiny', seed=0, progress=False) == str(tiny)
   assert manifest.stat().st_mtime_ns == before
+  # How images are stored is not what they are: another codec or tiling reuses the store.
+  assert synthetic.ensure(str(tiny), 'tiny', seed=0, compression='none', tile=16, shard_items=8,
+                          progress=False) == str(tiny)
+  assert manifest.stat().st_mtime_ns == before
   with pytest.raises(FileExistsError, match='seed: wanted 1, found 0'):
     synthetic.ensure(str(tiny), 'tiny', seed=1, progress=False)
   with pytest.raises(FileExistsError, match='effects.strength'):

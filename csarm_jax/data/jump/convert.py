@@ -327,6 +327,13 @@ def _source_sizes(index: pd.DataFrame, sizes: dict[str, list[int]]) -> dict[str,
   return {s: sorted(v) for s, v in sorted(by_source.items())}
 
 
+def _with_new_defaults(request: dict[str, Any]) -> dict[str, Any]:
+  """A saved request with options added since it was written at their defaults, so an older
+  interrupted run still resumes (its array keeps the layout it was created with)."""
+  defaults = json.loads(json.dumps(dataclasses.asdict(ConvertOptions())))
+  return {**request, 'options': {**defaults, **request['options']}}
+
+
 def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOptions(),
                   workers: int = 1, overwrite: bool = False, command: str = '',
                   progress: bool = True) -> dict[str, Any]:
@@ -355,7 +362,7 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
            'probed_source_sizes': _source_sizes(index, sizes)}
     kv.write(RUN_KEY, json.dumps(run, indent=1, sort_keys=True).encode()).result()
     run = _read_json(kv, RUN_KEY)     # as a resumed run will see it (key order included)
-  elif json.loads(json.dumps(request)) != run['request']:
+  elif json.loads(json.dumps(request)) != _with_new_defaults(run['request']):
     raise ConvertError(f'{out} was started from another index or with other options '
                        f"({run['request']}); pass overwrite (--overwrite) or another output")
 
