@@ -1,6 +1,9 @@
 """JUMP index -> image store: pixels against a numpy oracle, QC, resuming, idempotence, workers."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -144,6 +147,34 @@ def test_interrupted_run_resumes_to_the_same_bytes(converted, index_path, tmp_pa
   monkeypatch.setattr(convert_lib, 'convert_shard', lambda job: calls.append(job.shard) or real(job))
   _convert(index_path, out)
   assert calls == [2, 3, 4, 5]                  # only the shards the ledger lacked
+  assert _tree(out) == _tree(reference)
+
+
+_KILLED_RUN = """
+import os, signal, sys
+from csarm_jax.data import jump
+from csarm_jax.data.jump import convert as convert_lib
+real, done = convert_lib.convert_shard, []
+def die_after_two(job):
+  if len(done) == 2:
+    os.kill(os.getpid(), signal.SIGKILL)      # no handler, no finally: as the OOM killer does
+  done.append(job.shard)
+  return real(job)
+convert_lib.convert_shard = die_after_two
+jump.convert_sites(sys.argv[1], sys.argv[2], jump.ConvertOptions(clip_percentile=98.0, shard_items=4),
+                   command='test', progress=False)
+"""
+
+
+def test_sigkilled_run_resumes_to_the_same_bytes(converted, index_path, tmp_path):
+  reference, counts = converted
+  out = tmp_path / 'store'
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  killed = subprocess.run([sys.executable, '-c', _KILLED_RUN, index_path, str(out)], env=env,
+                          capture_output=True, text=True)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert len(os.listdir(out / 'convert' / 'ledger')) == 2
+  assert _convert(index_path, out) == counts
   assert _tree(out) == _tree(reference)
 
 
