@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import csarm_jax
-from csarm_jax import inference
+from csarm_jax import inference, parallel
 from csarm_jax.data.augment import center_crop
 from csarm_jax.data import open_store
 from csarm_jax.training import checkpoint, experiment, loop
@@ -96,6 +96,25 @@ def test_killed_run_resumes_to_the_same_parameters(finished, store_path, tmp_pat
     loop.train_and_evaluate(config, workdir_b, on_step=crash)
   loop.train_and_evaluate(config, workdir_b)
   chex.assert_trees_all_equal(_params(workdir_b, config).params, _params(workdir_a, config).params)
+
+
+def test_resume_on_another_device_count(finished, store_path, tmp_path, monkeypatch):
+  # Checkpointed on the 4 test devices, resumed on 2 (a smaller slice): restores go through an
+  # abstract target with the current shardings; only the order of float sums may differ.
+  workdir_a, config, _ = finished
+  workdir_b = str(tmp_path)
+
+  def crash(step):
+    if step == 4:
+      raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(config, workdir_b, on_step=crash)
+  two, made = parallel.make_mesh(jax.devices()[:2]), []
+  monkeypatch.setattr(parallel, 'make_mesh', lambda devices=None: made.append(two) or two)
+  loop.train_and_evaluate(config, workdir_b)
+  assert made and len(jax.devices()) == 4
+  chex.assert_trees_all_close(_params(workdir_b, config).params, _params(workdir_a, config).params,
+                              rtol=1e-5, atol=1e-6)
 
 
 def test_sigterm_saves_and_resumes_exactly(finished, store_path, tmp_path):
