@@ -224,6 +224,9 @@ def _write_metadata(directory: str) -> None:
   wells = pd.DataFrame([{'Metadata_Source': source_of[p], 'Metadata_Plate': p, 'Metadata_Well': w,
                          'Metadata_JCP2022': c}
                         for p, ws in WELLS.items() for w, c, *_ in ws if c is not None])
+  # a row without a well ID (it describes no image: dropped and counted)
+  wells = pd.concat([wells, pd.DataFrame([{'Metadata_Source': 'source_3', 'Metadata_Plate': 'X',
+                                           'Metadata_Well': None, 'Metadata_JCP2022': DMSO}])])
   controls = pd.DataFrame({
       'Metadata_JCP2022': [DMSO, AMG900, DEX, FK866, LY, 'JCP2022_064022', QUIN, TCS, 'JCP2022_085227'],
       'Metadata_pert_type': ['negcon'] + ['poscon'] * 8,

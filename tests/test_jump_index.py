@@ -74,6 +74,15 @@ def test_ids_stay_strings_and_wells_are_padded(mirror):
   assert sorted(set(cv8000['Metadata_Well'])) == ['A01', 'B01']          # written 'A1', 'B1'
   table = jump.read_table(os.path.join(mirror.metadata, 'well.csv.gz'))
   assert '1053601756' in set(table['Metadata_Plate']) and '000321' in set(table['Metadata_Plate'])
+  assert table['Metadata_Well'].isna().sum() == 1                        # missing stays missing
+
+
+def test_as_str_keeps_missing_values_missing():
+  from csarm_jax.data.jump.tables import as_str
+  out = as_str(pd.Series([1.0, None, 30.0]))
+  assert out[0] == '1' and out[2] == '30' and pd.isna(out[1])            # never the string 'nan'
+  out = as_str(pd.Series(['A01', None], dtype=object))
+  assert out[0] == 'A01' and pd.isna(out[1])
 
 
 def test_find_load_data_prefers_the_illum_variant(mirror):
@@ -123,11 +132,12 @@ def test_selection_counts_every_drop(built):
   assert {k: report[k] for k in ('site_rows', 'duplicate_site_rows', 'plate_not_in_plate_table',
                                   'plate_type_not_selected', 'batch_excluded',
                                   'well_not_in_well_table', 'other_compound', 'rare_position',
-                                  'selected_sites', 'control_sites')} == {
+                                  'selected_sites', 'control_sites',
+                                  'well_table_rows_without_ids')} == {
       'site_rows': 33, 'duplicate_site_rows': 1, 'plate_not_in_plate_table': 1,   # A9999999
       'plate_type_not_selected': 1, 'batch_excluded': 1,                          # TARGET2, CP_33
       'well_not_in_well_table': 2, 'other_compound': 2, 'rare_position': 1,      # F01, E05, G01
-      'selected_sites': 24, 'control_sites': 12}
+      'selected_sites': 24, 'control_sites': 12, 'well_table_rows_without_ids': 1}
   assert report['site_rows'] - sum(report[k] for k in (
       'other_source', 'duplicate_site_rows', 'plate_not_in_plate_table', 'plate_type_not_selected',
       'batch_excluded', 'well_not_in_well_table', 'other_compound', 'rare_position')) == len(index)

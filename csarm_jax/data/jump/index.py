@@ -135,7 +135,8 @@ def build_index(root: str, metadata: Metadata, selection: Selection = Selection(
     raise JumpDataError(f'no load_data files for {list(selection.sources)} under {root}')
   for folder in empty:
     log.warning('no load_data file in %s', folder)
-  report: dict[str, Any] = {'load_data_files': len(files), 'plate_folders_without_load_data': len(empty)}
+  report: dict[str, Any] = {'load_data_files': len(files), 'plate_folders_without_load_data': len(empty),
+                            'well_table_rows_without_ids': metadata.well_rows_without_ids}
   kept = [_filter_plate_sites(read_load_data(f, root), metadata, selection, report)
           for f in progress(files)]
   return _finish_index(pd.concat(kept, ignore_index=True), metadata, selection, report), report

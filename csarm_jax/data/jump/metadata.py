@@ -28,6 +28,7 @@ OPTIONAL = {
 class Metadata:
   plate: pd.DataFrame
   well: pd.DataFrame
+  well_rows_without_ids: int = 0          # well-table rows dropped for a missing plate or well ID
   compound: pd.DataFrame | None = None
   perturbation_control: pd.DataFrame | None = None
 
@@ -69,7 +70,11 @@ def read_metadata(directory: str) -> Metadata:
       raise JumpDataError(f'plate table: column {col} has empty values')
   tables['plate'] = _unique(tables['plate'][list(REQUIRED['plate'])],
                             ['Metadata_Source', 'Metadata_Plate'], 'plate table')
-  well = tables['well'][list(REQUIRED['well'])].dropna(subset=['Metadata_Plate', 'Metadata_Well'])
+  well = tables['well'][list(REQUIRED['well'])]
+  unusable = well[['Metadata_Plate', 'Metadata_Well']].isna().any(axis=1)
+  if unusable.any():      # no plate or well ID: such a row cannot describe any image
+    tables['well_rows_without_ids'] = int(unusable.sum())
+    well = well[~unusable]
   well = well.assign(Metadata_Well=normalise_well(well['Metadata_Well']))
   tables['well'] = _unique(well, ['Metadata_Source', 'Metadata_Plate', 'Metadata_Well'], 'well table')
   return Metadata(**tables)

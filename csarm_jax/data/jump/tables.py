@@ -33,7 +33,7 @@ def as_str(column: pd.Series) -> pd.Series:
   """A column as strings; missing values stay missing, integral floats lose their '.0'."""
   if pd.api.types.is_float_dtype(column) and (np.mod(column.dropna(), 1) == 0).all():
     column = column.astype('Int64')
-  return column.astype('str')
+  return column.astype('str').where(column.notna())    # pandas 2 would write NaN as 'nan'
 
 
 def read_table(path: str) -> pd.DataFrame:
