@@ -116,6 +116,7 @@ def load(path: str) -> Predictor:
   if info.get('format_version') != FORMAT_VERSION:
     raise ValueError(f'{path}/{INFERENCE}: format_version {info.get("format_version")} is not '
                      f'{FORMAT_VERSION}')
+  info['eval'] = {'too_few': 'replace', **info['eval']}   # exports made before it was recorded
   model = _build_model(info)
   with ocp.StandardCheckpointer() as loader:
     variables = loader.restore(os.path.join(os.path.abspath(path), VARIABLES))
@@ -166,7 +167,7 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
     batches = protocol.context_batches(
         store, plates, m.method, num_perturbed=e['num_perturbed'], num_controls=e['num_controls'],
         contexts_per_step=contexts_per_step, crop_size=spec['crop_size'], seed=e['seed'],
-        too_few=e.get('too_few', 'replace'), require_labels=False)
+        too_few=e['too_few'], require_labels=False)
     eval_step = compiled_eval_step(m.model, m.method, m.preprocess, mesh)
     member_frame, _, _ = protocol.run_contexts(store, mesh, eval_step, m.variables, batches)
     p = member_frame[metrics_lib.prob_columns(num_classes)].to_numpy()

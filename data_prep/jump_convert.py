@@ -29,7 +29,7 @@ flags.DEFINE_list('crop', [], 'Crop after downsampling: H,W or one side; empty: 
 flags.DEFINE_integer('shard_items', _DEFAULT.shard_items, 'Sites per shard (the unit of work).')
 flags.DEFINE_enum('compression', _DEFAULT.compression, ['zstd', 'lz4', 'none'],
                   'Store codec: zstd is smallest (buckets); none reads fastest (local SSD).')
-flags.DEFINE_integer('tile', _DEFAULT.tile, 'Side of the square tiles an image is stored in (a '
+flags.DEFINE_integer('tile', _DEFAULT.tile, 'Side of the tiles an image is stored in (a '
                      'crop decodes only the tiles it touches); must divide the crop; 0: auto.')
 flags.DEFINE_bool('overwrite', False, 'Delete a store already at --out (or started with other '
                   'options) and start again.')

@@ -13,6 +13,26 @@ sys.path.insert(0, os.path.dirname(__file__))
 from csarm_jax import parallel  # noqa: E402
 
 
+def _check_lead_process_values():
+  """Run setup made on process 0 reaches every process, and so does its failure (no hang)."""
+  import jax
+  from csarm_jax.training import experiment
+  me = jax.process_index()
+  assert experiment._from_lead_process('text', lambda: f'made by process {me} é') == \
+      'made by process 0 é'
+  assert experiment._from_lead_process('empty', lambda: '') == ''
+
+  def fail():
+    raise ValueError('boom')
+  try:
+    experiment._from_lead_process('failing', fail)
+  except (ValueError, RuntimeError) as e:
+    expected = 'boom' if me == 0 else 'failing failed on process 0'
+    assert expected in str(e), e
+  else:
+    raise AssertionError('a failure on process 0 must reach every process')
+
+
 def main(process_id, num_processes, port, out):
   parallel.maybe_initialize_distributed(f'localhost:{port}', num_processes, process_id)
   import jax
@@ -25,6 +45,7 @@ def main(process_id, num_processes, port, out):
   share = lambda b: {k: v[parallel.local_share(8, mesh)] for k, v in b.items()}
   batches = [share(make_batch(num_contexts=8, seed=s)) for s in range(2)]
   state, metrics = run_steps('cs_arm_bn', mesh, batches)
+  _check_lead_process_values()
   if jax.process_index() == 0:
     leaves = jax.tree.leaves(state.params)
     np.savez(out, loss=metrics['loss'], *leaves)

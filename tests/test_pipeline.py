@@ -186,6 +186,10 @@ def test_evaluation_batches_cover_the_test_plates(written):
     rows += list(batch['rows'][~batch['is_control'] & (batch['rows'] >= 0)])
   test_table = store.table[store.table['Metadata_Plate'].isin(fold.test)]
   assert sorted(rows) == sorted(test_table.loc[~test_table['is_control'], 'row'])
+  assert ev.report['perturbed_images'] == ev.report['perturbed_images_served'] == len(rows) == 56
+  subset = data.evaluation_batches(store, fold.test, max_images_per_plate=5, **KW)
+  assert subset.report['perturbed_images_served'] == 4 * 5          # counted, not silent
+  assert subset.report['perturbed_images'] == 56
   _assert_same(batches, list(data.evaluation_batches(store, fold.test, **KW)))
   padded = list(data.evaluation_batches(store, fold.test, **dict(KW, contexts_per_batch=5)))
   assert len(padded) == 3 and (padded[-1]['plate'][2:] == -1).all()

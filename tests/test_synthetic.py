@@ -169,6 +169,9 @@ def test_ensure_reuses_resumes_and_refuses(tiny, tmp_path, monkeypatch):
   assert json.loads((resumed / writer.PROGRESS_NAME).read_text())['done'] == [0, 1, 2]
   with pytest.raises(FileExistsError, match='interrupted run'):
     synthetic.ensure(str(resumed), 'tiny', seed=5, workers=1, progress=False)
+  progress = json.loads((resumed / writer.PROGRESS_NAME).read_text())
+  del progress['fingerprint']['config']['tile']      # as written before the field existed
+  (resumed / writer.PROGRESS_NAME).write_text(json.dumps(progress))
   written = []
   monkeypatch.setattr(writer, '_write_shard', lambda s: written.append(s) or real_write(s))
   synthetic.ensure(str(resumed), 'tiny', workers=1, progress=False)

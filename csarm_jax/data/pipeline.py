@@ -244,14 +244,16 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   else:
     contexts = ctx_lib.label_shift_contexts(index, num_perturbed, num_controls, label_shift_alpha,
                                             seed, len(store.class_ids), contexts_per_plate, too_few)
-  available = sum(len(p) for p in index.perturbed)
-  served = sum(int(((c.rows >= 0) & ~c.is_control).sum()) for c in contexts)
+  counts = {'num_contexts': len(contexts), 'perturbed_images': sum(len(p) for p in index.perturbed)}
+  if label_shift_alpha is None:   # each image at most once (label-shift contexts may repeat them)
+    counts['perturbed_images_served'] = sum(int(((c.rows >= 0) & ~c.is_control).sum())
+                                            for c in contexts)
+    if counts['perturbed_images_served'] < counts['perturbed_images']:   # max_images_per_plate
+      logging.warning('evaluation: %d of %d perturbed images (max_images_per_plate=%s)',
+                      counts['perturbed_images_served'], counts['perturbed_images'],
+                      max_images_per_plate)
   report = _log_report('evaluation', index, ctx_lib.too_few_report(index, 0, num_controls), too_few,
-                       num_contexts=len(contexts), perturbed_images=available,
-                       perturbed_images_served=served)
-  if label_shift_alpha is None and served < available:   # max_images_per_plate: a fixed subset
-    logging.warning('evaluation: %d of %d perturbed images (max_images_per_plate=%s)', served,
-                    available, max_images_per_plate)
+                       **counts)
   num_batches = -(-len(contexts) // contexts_per_batch)
   contexts += [ctx_lib.padding_context(num_perturbed + num_controls)] * (
       num_batches * contexts_per_batch - len(contexts))

@@ -4,10 +4,9 @@ A store is a directory (local path or any tensorstore kvstore URL: ``file://``, 
 holding three things:
 
 * ``data.zarr`` -- one zarr3 array, sharded along its first axis (``shard_items`` items per file).
-  Inside a shard an image is split into square tiles (inner chunks of ``(1, tile, tile, C)``,
-  blosc-zstd compressed by default), so reading an image, or a crop of it, is one request to one
-  shard file that decodes only the tiles the crop touches (see BENCHMARKS.md; 'lz4' and 'none'
-  decode faster still). ``kind='images'``:
+  Inside a shard an image is split into tiles (inner chunks ``(1, tile_h, tile_w, C)``, see
+  ``tile_side``; blosc-zstd compressed by default), so reading a crop touches one shard file and
+  decodes only the tiles under it (see BENCHMARKS.md; 'lz4' and 'none' decode faster still). ``kind='images'``:
   (N, H, W, C) uint8 or uint16; ``kind='features'``: (N, D) float32 (e.g. CellProfiler profiles).
 * ``metadata.parquet`` -- one row per item, JUMP column names, every ID a string (see ``COLUMNS``);
   ``row`` indexes the array, ``label`` is the class id (-1: unlabelled, e.g. a control) and

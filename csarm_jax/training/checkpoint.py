@@ -24,16 +24,14 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep_latest: int = 2):
     root = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self._managers = {
-        LATEST: ocp.CheckpointManager(os.path.join(root, LATEST), options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep_latest, create=True)),
-        BEST: ocp.CheckpointManager(os.path.join(root, BEST), options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True)),
-        # a state whose loss became NaN/inf, kept apart so that resuming uses the last good one
-        DIVERGED: ocp.CheckpointManager(os.path.join(root, DIVERGED),
-                                        options=ocp.CheckpointManagerOptions(max_to_keep=1,
-                                                                             create=True)),
-    }
+    # Every item's handler is declared, so restoring some items never warns about the others.
+    manager = lambda name, keep: ocp.CheckpointManager(
+        os.path.join(root, name), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()})
+    # DIVERGED: a state whose loss became NaN/inf, kept apart so that resuming uses the last good one
+    self._managers = {LATEST: manager(LATEST, keep_latest), BEST: manager(BEST, 1),
+                      DIVERGED: manager(DIVERGED, 1)}
 
   def latest_step(self, which: str = LATEST) -> int | None:
     return self._managers[which].latest_step()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import flax.linen as nn
 import ml_collections
@@ -106,12 +107,31 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
   return optax.sgd(lr, momentum=0.9)
 
 
-def _on_lead_process(name: str, write) -> None:
-  """Runs ``write`` on process 0 only; every process waits until it is done (multi-host)."""
+def _from_lead_process(name: str, produce: Callable[[], str]) -> str:
+  """``produce()`` run on process 0 only; its text (or its failure) reaches every process.
+
+  A collective: every process calls it at the same point, whatever it sees on its own disk, so
+  none waits for a peer that skipped it; workdirs need not be shared between hosts.
+  """
+  if jax.process_count() == 1:
+    return produce()
+  text, error = '', None
   if jax.process_index() == 0:
-    write()
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+    try:
+      text = produce()
+    except Exception as e:       # re-raised below, after telling the other processes
+      error = e
+  payload = np.frombuffer(text.encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(
+      np.int64(-1 if error is not None else payload.size)))
+  if error is not None:
+    raise error
+  if size < 0:
+    raise RuntimeError(f'{name} failed on process 0 (see its log)')
+  if size == 0:
+    return ''
+  mine = payload if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine))).decode()
 
 
 def make_run_folds(config: ml_collections.ConfigDict, store: ImageStore) -> list[splits.Fold]:
@@ -129,8 +149,10 @@ def make_run_folds(config: ml_collections.ConfigDict, store: ImageStore) -> list
 def open_run_store(config: ml_collections.ConfigDict) -> ImageStore:
   if config.synthetic.preset:
     from csarm_jax.data import synthetic      # builds the benchmark on first use
-    _on_lead_process('csarm_synthetic_store', lambda: synthetic.ensure(
-        config.store, config.synthetic.preset, seed=config.synthetic.seed))
+    def build() -> str:   # multi-host: on process 0, so config.store must be a path all can read
+      synthetic.ensure(config.store, config.synthetic.preset, seed=config.synthetic.seed)
+      return ''
+    _from_lead_process('synthetic store', build)
   elif '://' not in config.store and not os.path.exists(config.store):
     raise ConfigError(f'config.store: {config.store!r} does not exist (give a store built by '
                       f'data_prep/make_synthetic.py or data_prep/jump_convert.py)')
@@ -146,14 +168,17 @@ def select_fold(config: ml_collections.ConfigDict, store: ImageStore, workdir: s
   folds = make_run_folds(config, store)
   _require(0 <= s.fold < len(folds), 'split.fold', f'{s.fold} is out of range: the {s.kind} split '
            f'has {len(folds)} folds')
-  fold = folds[s.fold]
+  fold = folds[s.fold]          # every process derives the same fold from the config
   path = os.path.join(workdir, 'fold.json')
-  if os.path.exists(path):
-    saved = splits.Fold.load(path)
-    _require(saved == fold, 'split', f'the workdir holds a different fold ({path}); use a new '
-             f'workdir or the config that made it')
-  else:
-    _on_lead_process('csarm_fold', lambda: fold.save(path))
+
+  def save_or_check() -> str:
+    if os.path.exists(path):
+      _require(splits.Fold.load(path) == fold, 'split', f'the workdir holds a different fold '
+               f'({path}); use a new workdir or the config that made it')
+    else:
+      fold.save(path)
+    return ''
+  _from_lead_process('fold', save_or_check)
   return fold
 
 
@@ -161,15 +186,16 @@ def fold_normalization(config: ml_collections.ConfigDict, store: ImageStore, fol
                        workdir: str) -> normalization.NormStats:
   """Per-channel statistics of the fold's training perturbed images, computed once per workdir."""
   path = os.path.join(workdir, 'normalization.json')
-  if not os.path.exists(path):
-    def compute():
+
+  def load_or_compute() -> str:
+    if not os.path.exists(path):
       t = store.table
       rows = t.loc[t['Metadata_Plate'].isin(fold.train) & (t['label'] >= 0), 'row'].to_numpy()
       logging.info('normalisation statistics over %d training images', len(rows))
       normalization.compute_normalization(store, rows, max_images=config.data.norm_max_images,
                                           seed=config.seed).save(path)
-    _on_lead_process('csarm_normalization', compute)
-  return normalization.NormStats.load(path)
+    return normalization.NormStats.load(path).to_json()
+  return normalization.NormStats.from_json(_from_lead_process('normalization', load_or_compute))
 
 
 def schedule_length(config: ml_collections.ConfigDict, store: ImageStore,

@@ -89,6 +89,21 @@ def _content(fingerprint: dict[str, Any]) -> dict[str, Any]:
   return {**fingerprint, 'config': config}
 
 
+def _with_new_fields(fingerprint: dict[str, Any]) -> dict[str, Any]:
+  """A fingerprint written before a config field existed, with that field at its preset value
+  (so an older interrupted run still resumes; its array keeps the layout it was created with)."""
+  saved = fingerprint.get('config') or {}
+  if saved.get('preset') not in config_lib.PRESETS:
+    return fingerprint
+
+  def merge(defaults: dict[str, Any], have: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: merge(v, have.get(k, {})) if isinstance(v, dict) else have.get(k, v)
+               for k, v in defaults.items()},
+            **{k: v for k, v in have.items() if k not in defaults}}
+  defaults = json.loads(json.dumps(config_lib.preset(saved['preset']).to_dict()))
+  return {**fingerprint, 'config': merge(defaults, saved)}
+
+
 def _describe(out: str, want: dict[str, Any], have: dict[str, Any], what: str) -> str:
   diff = _differences(want, have)
   return (f'{out} already holds {what} made with a different config or seed '
@@ -114,6 +129,8 @@ def generate(config: ml_collections.ConfigDict, out: str, seed: int = 0, workers
     raise FileExistsError(f'{out} already holds a complete store; use synthetic.ensure() to reuse '
                           'it or choose another directory')
   state = _read_progress(out)
+  if state is not None:
+    state['fingerprint'] = _with_new_fields(state['fingerprint'])
   if state is not None and state['fingerprint'] != fingerprint:
     raise FileExistsError(_describe(out, fingerprint, state['fingerprint'], 'an interrupted run'))
   if state is None and os.path.isdir(out) and os.listdir(out):
