@@ -89,8 +89,8 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   target = abstract_state(model, tx, example, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   ckpt = checkpoint.Checkpoints(workdir)
   try:
-    had_validation = bool(_read_json(os.path.join(workdir, FOLD)).get('validation'))
-    prefer_best = which == checkpoint.BEST or (which == SELECTED and had_validation)
+    fold = _read_json(os.path.join(workdir, FOLD))
+    prefer_best = which == checkpoint.BEST or (which == SELECTED and bool(fold.get('validation')))
     restored = ckpt.restore_selected(target, prefer_best=prefer_best)
   finally:
     ckpt.close()
@@ -101,7 +101,6 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   variables_dir = os.path.join(os.path.abspath(out), VARIABLES)
   with ocp.StandardCheckpointer() as saver:
     saver.save(variables_dir, {'params': state.params, 'batch_stats': state.batch_stats}, force=True)
-  fold = _read_json(os.path.join(workdir, FOLD))
   info = {'format_version': FORMAT_VERSION, **spec, 'normalization': json.loads(norm.to_json()),
           'provenance': {'workdir': os.path.abspath(workdir), 'checkpoint': which,
                          'step': int(state.step), 'best_val_loss': meta.get('best_val_loss'),

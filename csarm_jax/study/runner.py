@@ -88,6 +88,11 @@ def eval_specs(config: ml_collections.ConfigDict, method: methods.Method) -> lis
   return specs
 
 
+def trainer_dir(workdir: str, trainer: str, fold: int, seed: int) -> str:
+  """Where the model that ``trainer`` trains for (fold, seed) lives."""
+  return cross_validation.run_dir(os.path.join(workdir, 'runs', trainer), fold, seed)
+
+
 def _run_config(config: ml_collections.ConfigDict, method: str, fold: int, seed: int):
   cfg = ml_collections.ConfigDict(config.train.to_dict())
   cfg.method, cfg.split.fold, cfg.seed = method, int(fold), int(seed)
@@ -148,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame:
   for fold in folds:
     for seed in config.seeds:
       for trainer, members in groups.items():
-        run_dir = os.path.join(workdir, 'runs', trainer, f'fold{fold}_seed{seed}')
+        run_dir = trainer_dir(workdir, trainer, fold, seed)
         if not os.path.exists(os.path.join(run_dir, 'results.json')):
           logging.info('training %s fold %d seed %d in %s', trainer, fold, seed, run_dir)
           loop.train_and_evaluate(_run_config(config, trainer, fold, seed), run_dir)
@@ -164,7 +169,7 @@ def embedding_frame(config: ml_collections.ConfigDict, workdir: str, method_name
   """Penultimate features of held-out images of every source, under a method's test-time rule."""
   trainer = next(t for t, members in training_groups(list(config.methods)).items()
                  if method_name in members)
-  run_dir = os.path.join(workdir, 'runs', trainer, f'fold{fold}_seed{seed}')
+  run_dir = trainer_dir(workdir, trainer, fold, seed)
   cfg = _run_config(config, method_name, fold, seed)
   cfg.eval.max_images_per_plate = config.embedding.max_images_per_plate
   exp = experiment.build(cfg, run_dir)

@@ -188,13 +188,15 @@ def fold_normalization(config: ml_collections.ConfigDict, store: ImageStore, fol
   path = os.path.join(workdir, 'normalization.json')
 
   def load_or_compute() -> str:
-    if not os.path.exists(path):
-      t = store.table
-      rows = t.loc[t['Metadata_Plate'].isin(fold.train) & (t['label'] >= 0), 'row'].to_numpy()
-      logging.info('normalisation statistics over %d training images', len(rows))
-      normalization.compute_normalization(store, rows, max_images=config.data.norm_max_images,
-                                          seed=config.seed).save(path)
-    return normalization.NormStats.load(path).to_json()
+    if os.path.exists(path):
+      return normalization.NormStats.load(path).to_json()
+    t = store.table
+    rows = t.loc[t['Metadata_Plate'].isin(fold.train) & (t['label'] >= 0), 'row'].to_numpy()
+    logging.info('normalisation statistics over %d training images', len(rows))
+    norm = normalization.compute_normalization(store, rows, max_images=config.data.norm_max_images,
+                                               seed=config.seed)
+    norm.save(path)
+    return norm.to_json()
   return normalization.NormStats.from_json(_from_lead_process('normalization', load_or_compute))
 
 

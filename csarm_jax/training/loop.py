@@ -29,7 +29,7 @@ from tqdm import tqdm
 from csarm_jax.data import pipeline
 from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
-from csarm_jax import parallel
+from csarm_jax import nested, parallel
 from csarm_jax.training import checkpoint, experiment
 from csarm_jax.training.metrics_log import MetricsLog
 from csarm_jax.training.state import TrainState, abstract_state, create_state
@@ -90,23 +90,13 @@ def _fresh_meta() -> dict[str, Any]:
           'history': [], 'stopped_early': False}
 
 
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    out.update(_flatten(value, f'{prefix}{key}.') if isinstance(value, dict) else {prefix + key: value})
-  return out
-
-
 def _warn_changed_config(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
   """Logs (and returns) the config keys whose value differs from the checkpoint's config."""
-  if saved is None:
-    return []
-  before, now = _flatten(saved), _flatten(current)
-  changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+  changed = nested.differences(saved, current) if saved is not None else []
   if changed:
     logging.warning('resuming with a config that differs from the checkpoint\'s in %s: %s',
-                    len(changed), ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed))
-  return changed
+                    len(changed), ', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in changed))
+  return [k for k, _, _ in changed]
 
 
 def train(exp: experiment.Experiment, workdir: str,
@@ -114,7 +104,7 @@ def train(exp: experiment.Experiment, workdir: str,
   """Trains to the end of the schedule or early stopping; returns (best state, loop bookkeeping)."""
   c = exp.config
   repl = parallel.replicated(exp.mesh)
-  state = create_state(exp.model, exp.tx, jax.random.key(c.seed), exp.example_input)
+  config_record = json.loads(c.to_json_best_effort())     # saved with every checkpoint
   abstract = abstract_state(exp.model, exp.tx, exp.example_input, repl)
   ckpt = checkpoint.Checkpoints(workdir)
   batches = _train_batches(exp)
@@ -124,9 +114,10 @@ def train(exp: experiment.Experiment, workdir: str,
     state, data_state, meta = restored
     batches.set_state(data_state)
     logging.info('resumed from step %d (epoch %d)', int(state.step), meta['epoch'])
-    _warn_changed_config(ckpt.saved_config(), json.loads(c.to_json_best_effort()))
+    _warn_changed_config(ckpt.saved_config(), config_record)
   else:
-    state = jax.device_put(state, repl)
+    state = jax.device_put(create_state(exp.model, exp.tx, jax.random.key(c.seed),
+                                        exp.example_input), repl)
 
   step_fn = compile_train_step(make_train_step(exp.model, exp.method, exp.tx, exp.preprocess),
                                exp.mesh)
@@ -137,8 +128,6 @@ def train(exp: experiment.Experiment, workdir: str,
   eval_every = c.train.eval_every_epochs * exp.steps_per_epoch
   pending: list[dict[str, jax.Array]] = []
   window_start, window_images = time.perf_counter(), 0
-
-  config_record = json.loads(c.to_json_best_effort())
 
   def save(which: str) -> None:
     ckpt.save(which, step, state, batches.get_state(), meta, config_record)

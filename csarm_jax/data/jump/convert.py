@@ -36,6 +36,7 @@ import pandas as pd
 import tensorstore as ts
 from tqdm import tqdm
 
+from csarm_jax import nested
 from csarm_jax.data import store as store_lib
 from csarm_jax.data.constants import CHANNELS
 from csarm_jax.data.jump.files import FileProblem, read_illum, read_tiff, tiff_shape
@@ -331,7 +332,7 @@ def _with_new_defaults(request: dict[str, Any]) -> dict[str, Any]:
   """A saved request with options added since it was written at their defaults, so an older
   interrupted run still resumes (its array keeps the layout it was created with)."""
   defaults = json.loads(json.dumps(dataclasses.asdict(ConvertOptions())))
-  return {**request, 'options': {**defaults, **request['options']}}
+  return {**request, 'options': nested.with_defaults(request['options'], defaults)}
 
 
 def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOptions(),

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from csarm_jax import nested
 from csarm_jax.data.synthetic import layout
 
 PRESETS = ('tiny', 'quickstart', 'large')
@@ -96,19 +97,9 @@ def preset(name: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _flatten(overrides: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in overrides.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Every leaf field of ``config`` by dotted name ('layout.num_sources': 3, ...)."""
-  return _flatten(config.to_dict())
+  return nested.flatten(config.to_dict())
 
 
 def with_overrides(config: ml_collections.ConfigDict,
@@ -116,7 +107,7 @@ def with_overrides(config: ml_collections.ConfigDict,
   """A copy of ``config`` with ``overrides`` applied: dotted keys ('layout.num_sources') or nested
   dicts. Unknown fields raise KeyError; values of the wrong type raise TypeError."""
   config = ml_collections.ConfigDict(config.to_dict())
-  for key, value in _flatten(overrides).items():
+  for key, value in nested.flatten(overrides).items():
     *sections, name = key.split('.')
     target = config
     for section in sections:

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from csarm_jax import __version__
+from csarm_jax import __version__, nested
 from csarm_jax.data import constants, store
 from csarm_jax.data.synthetic import config as config_lib
 from csarm_jax.data.synthetic import images, layout
@@ -73,13 +73,6 @@ def _write_progress(out: str, fingerprint: dict[str, Any], done: set[int]) -> No
   os.replace(path + '.tmp', path)
 
 
-def _differences(want: Any, have: Any, prefix: str = '') -> list[str]:
-  if isinstance(want, dict) and isinstance(have, dict):
-    return [d for k in sorted(set(want) | set(have))
-            for d in _differences(want.get(k), have.get(k), f'{prefix}{k}.')]
-  return [] if want == have else [f'{prefix[:-1]}: wanted {want!r}, found {have!r}']
-
-
 STORAGE_FIELDS = ('shard_items', 'compression', 'tile')   # how images are stored, not what they are
 
 
@@ -95,17 +88,12 @@ def _with_new_fields(fingerprint: dict[str, Any]) -> dict[str, Any]:
   saved = fingerprint.get('config') or {}
   if saved.get('preset') not in config_lib.PRESETS:
     return fingerprint
-
-  def merge(defaults: dict[str, Any], have: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: merge(v, have.get(k, {})) if isinstance(v, dict) else have.get(k, v)
-               for k, v in defaults.items()},
-            **{k: v for k, v in have.items() if k not in defaults}}
   defaults = json.loads(json.dumps(config_lib.preset(saved['preset']).to_dict()))
-  return {**fingerprint, 'config': merge(defaults, saved)}
+  return {**fingerprint, 'config': nested.with_defaults(saved, defaults)}
 
 
 def _describe(out: str, want: dict[str, Any], have: dict[str, Any], what: str) -> str:
-  diff = _differences(want, have)
+  diff = [f'{key}: wanted {w!r}, found {h!r}' for key, w, h in nested.differences(want, have)]
   return (f'{out} already holds {what} made with a different config or seed '
           f'({"; ".join(diff[:5])}{"; ..." if len(diff) > 5 else ""}); choose another directory '
           'or delete it')
