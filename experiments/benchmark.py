@@ -38,7 +38,7 @@ _METHOD = flags.DEFINE_string('method', 'cs_arm_bn', 'Method whose training step
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after one compile step).')
 _STORE_SIZES = flags.DEFINE_list('store_sizes', ['512', '2048'],
                                  'loader/train: images per benchmark store (540x540x5 uint8).')
-_COMPRESSIONS = flags.DEFINE_list('compressions', ['zstd'], 'loader: store compressions.')
+_COMPRESSIONS = flags.DEFINE_list('compressions', ['lz4hc'], 'loader: store compressions.')
 _TILES = flags.DEFINE_list('tiles', ['0'], 'loader: store tile sides (0: default; 540: whole images).')
 _THREADS = flags.DEFINE_integer('num_threads', 2, 'loader/train: grain reader threads.')
 

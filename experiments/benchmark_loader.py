@@ -74,7 +74,7 @@ def _templates(rng: np.random.Generator, count: int) -> np.ndarray:
 
 def make_benchmark_store(path: str, num_images: int, plate_size: tuple[int, int] = (96, 160),
                          seed: int = 0, shard_items: int = 64,
-                         compression: str = 'zstd', tile: int = 0) -> dict[str, Any]:
+                         compression: str = data.DEFAULT_COMPRESSION, tile: int = 0) -> dict[str, Any]:
   """A store of ``num_images`` 540x540x5 uint8 images in plates of (perturbed, controls) images."""
   rng = np.random.default_rng(seed)
   templates, noise = _templates(rng, 12), rng.integers(0, 8, (4, *IMAGE_SHAPE), dtype=np.uint8)
@@ -163,7 +163,7 @@ def _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_
 
 
 def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
-                     compressions: Sequence[str] = ('zstd',), tiles: Sequence[int] = (0,),
+                     compressions: Sequence[str] = (data.DEFAULT_COMPRESSION,), tiles: Sequence[int] = (0,),
                      num_perturbed: int = 64,
                      num_controls: int = 128, contexts_per_batch: int = 8, crop_size: int = 256,
                      num_batches: int = 6, num_threads: int = 2, latency_repeats: int = 5,
@@ -206,7 +206,8 @@ if __name__ == '__main__':
   from absl import app, flags
 
   flags.DEFINE_list('store_sizes', ['512', '2048'], 'images per store (one run per size)')
-  flags.DEFINE_list('compressions', ['zstd'], "store compressions to compare: zstd, lz4, none")
+  flags.DEFINE_list('compressions', [data.DEFAULT_COMPRESSION],
+                    'store compressions to compare (keys of csarm_jax.data.COMPRESSIONS)')
   flags.DEFINE_list('tiles', ['0'], 'tile sides to compare (0: the default; 540: whole images)')
   flags.DEFINE_integer('num_perturbed', 64, 'perturbed images per context (N)')
   flags.DEFINE_integer('num_controls', 128, 'control images per context (K)')

@@ -9,7 +9,7 @@ from csarm_jax import data
 
 def write_store(path, sources=('source_1', 'source_2'), batches_per_source=2, plates_per_batch=2,
                 perturbed_per_plate=12, controls_per_plate=8, item_shape=(20, 20, 5), dtype='uint8',
-                shard_items=16, seed=0, compression='zstd', tile=None):
+                shard_items=16, seed=0, compression='lz4hc', tile=None):
   """Writes a store with every plate holding `perturbed_per_plate` labelled images (classes in
   turn) and `controls_per_plate` DMSO images; returns the table and the images in row order."""
   rng = np.random.default_rng(seed)

@@ -1,4 +1,5 @@
 """JUMP index -> image store: pixels against a numpy oracle, QC, resuming, idempotence, workers."""
+import dataclasses
 import json
 import os
 import signal
@@ -145,7 +146,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(converted, index_path, tmp_pa
     open_store(str(out))
   calls.clear()
   monkeypatch.setattr(convert_lib, 'convert_shard', lambda job: calls.append(job.shard) or real(job))
-  _convert(index_path, out)
+  # Another codec or tiling asked for on resume (e.g. a new default): the run keeps its own.
+  _convert(index_path, out, dataclasses.replace(OPTIONS, compression='none', tile=4))
   assert calls == [2, 3, 4, 5]                  # only the shards the ledger lacked
   assert _tree(out) == _tree(reference)
 
@@ -202,7 +204,7 @@ def test_other_options_are_refused_until_overwrite(index_path, mirror, tmp_path)
   run_json.write_text(json.dumps(run))
   assert _convert(index_path, out) == counts
   with pytest.raises(jump.ConvertError, match='other options'):
-    _convert(index_path, out, jump.ConvertOptions(tile=8))
+    _convert(index_path, out, dataclasses.replace(OPTIONS, downsample=1, tile=8))
   uint16 = jump.ConvertOptions(clip_percentile=98.0, shard_items=4, dtype='uint16')
   with pytest.raises(jump.ConvertError, match='other options'):
     _convert(index_path, out, uint16)

@@ -59,8 +59,8 @@ def test_random_crop_flip_and_center_crop_against_slicing():
     augment.center_crop(images, 21)
 
 
-@pytest.mark.parametrize('compression, tile', [('zstd', None), ('lz4', None), ('none', None),
-                                               ('zstd', 5), ('none', 4)])
+@pytest.mark.parametrize('compression, tile', [('lz4hc', None), ('zstd', None), ('lz4', None),
+                                               ('none', None), ('lz4hc', 5), ('none', 4)])
 def test_store_windows_equal_numpy_windows(tmp_path, compression, tile):
   # Tiled images: a crop crosses tile borders and must still read back exactly.
   _, items = write_store(tmp_path, compression=compression, tile=tile)

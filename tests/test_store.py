@@ -44,13 +44,32 @@ def test_sharded_layout_one_file_per_shard(written):
 
 
 def test_tile_side_known_answers():
-  # The largest divisor <= 192, or the whole side when that divisor is under 48 (a prime side).
-  known = {16: 16, 20: 20, 64: 64, 192: 192, 200: 100, 201: 67, 256: 128, 512: 128, 540: 180,
-           541: 541, 1080: 180, 2 * 5 * 41: 82, 4 * 47: 188, 4 * 53: 106, 2 * 193: 386}
-  assert {side: store_lib.tile_side(side) for side in known} == known
-  assert store_lib.tile_side(512, 64) == 64
+  # 5 channels: the largest divisor <= 192 whose tile holds a multiple of 8 elements (blosc
+  # bitshuffles it), else the largest divisor <= 192, else (under 48, a prime side) the whole side.
+  known = {16: 16, 20: 20, 50: 50, 64: 64, 192: 192, 200: 100, 201: 67, 256: 128, 270: 135,
+           300: 100, 512: 128, 540: 180, 541: 541, 1000: 100, 1080: 180, 2 * 5 * 41: 82,
+           4 * 47: 188, 2 * 193: 386, 3 * 5 * 7: 105}
+  assert {side: store_lib.tile_side(side, 5) for side in known} == known
+  assert store_lib.tile_side(300, 2) == 150 and store_lib.tile_side(300, 8) == 150
+  assert store_lib.tile_side(512, 5, 64) == 64
   with pytest.raises(store_lib.StoreError, match='tile 100 must be a positive divisor of the image side 512'):
-    store_lib.tile_side(512, 100)
+    store_lib.tile_side(512, 5, 100)
+
+
+def test_default_tiles_are_bitshuffled(tmp_path):
+  # blosc stores a tile it cannot bitshuffle (not a multiple of 8 elements) as shuffled-off bytes:
+  # on images with a random low bit and smooth high bits that is over twice as large.
+  rng = np.random.default_rng(0)
+  ramp = np.add.outer(np.arange(540), np.arange(540)) // 16
+  images = (ramp[None, :, :, None] * 2 + rng.integers(0, 2, (2, 540, 540, 5))).astype(np.uint8)
+  sizes = {}
+  default = store_lib.tile_side(540, 5)
+  for tile in (default, 135):                              # 180: 162,000 elements; 135: 91,125
+    path = str(tmp_path / str(tile))
+    store_lib.create_array(path, 2, (540, 540, 5), 'uint8', tile=tile)[...].write(images).result()
+    sizes[tile] = sum(f.stat().st_size for f in (tmp_path / str(tile)).rglob('*') if f.is_file())
+    np.testing.assert_array_equal(store_lib.open_array(path).read().result(), images)
+  assert default == 180 and sizes[default] * 2 < sizes[135], sizes
   with pytest.raises(store_lib.StoreError, match='tile 7'):
     store_lib.create_array('/nonexistent/never/written', 4, (20, 20, 5), 'uint8', tile=7)
 

@@ -165,7 +165,7 @@ def test_ensure_reuses_resumes_and_refuses(tiny, tmp_path, monkeypatch):
   monkeypatch.setattr(writer, '_write_shard', failing)
   resumed = tmp_path / 'resumed'
   with pytest.raises(KeyboardInterrupt):
-    synthetic.ensure(str(resumed), 'tiny', workers=1, progress=False)
+    synthetic.ensure(str(resumed), 'tiny', compression='zstd', workers=1, progress=False)
   assert json.loads((resumed / writer.PROGRESS_NAME).read_text())['done'] == [0, 1, 2]
   with pytest.raises(FileExistsError, match='interrupted run'):
     synthetic.ensure(str(resumed), 'tiny', seed=5, workers=1, progress=False)
@@ -174,9 +174,13 @@ def test_ensure_reuses_resumes_and_refuses(tiny, tmp_path, monkeypatch):
   (resumed / writer.PROGRESS_NAME).write_text(json.dumps(progress))
   written = []
   monkeypatch.setattr(writer, '_write_shard', lambda s: written.append(s) or real_write(s))
-  synthetic.ensure(str(resumed), 'tiny', workers=1, progress=False)
+  synthetic.ensure(str(resumed), 'tiny', workers=1, progress=False)   # asks for the default codec
   assert 0 not in written and not (resumed / writer.PROGRESS_NAME).exists()
   np.testing.assert_array_equal(_contents(resumed)[0], _contents(tiny)[0])
+  # ... and kept the codec its array was created with, which the manifest records.
+  assert synthetic.preset('tiny').compression != 'zstd'
+  assert "'zstd'" in repr(data.open_store(str(resumed)).array.codec.to_json())
+  assert store_lib.read_manifest(str(resumed))['created_by']['config']['compression'] == 'zstd'
 
 
 def test_config_errors_name_the_field():

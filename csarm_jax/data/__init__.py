@@ -16,8 +16,9 @@ _NAMES = {
     'csarm_jax.data.pipeline': ('Batches', 'context_chunks', 'evaluation_batches', 'read_contexts',
                                 'read_windows', 'training_batches', 'whole_plates'),
     'csarm_jax.data.splits': ('Fold', 'SplitError', 'make_folds'),
-    'csarm_jax.data.store': ('ImageStore', 'StoreError', 'create_array', 'make_manifest',
-                             'open_array', 'open_store', 'write_metadata'),
+    'csarm_jax.data.store': ('COMPRESSIONS', 'DEFAULT_COMPRESSION', 'ImageStore', 'StoreError',
+                             'create_array', 'make_manifest', 'open_array', 'open_store',
+                             'write_metadata'),
 }
 _MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
 

@@ -5,8 +5,8 @@ holding three things:
 
 * ``data.zarr`` -- one zarr3 array, sharded along its first axis (``shard_items`` items per file).
   Inside a shard an image is split into tiles (inner chunks ``(1, tile_h, tile_w, C)``, see
-  ``tile_side``; blosc-zstd compressed by default), so reading a crop touches one shard file and
-  decodes only the tiles under it (see BENCHMARKS.md; 'lz4' and 'none' decode faster still). ``kind='images'``:
+  ``tile_side``; bitshuffled and LZ4HC-compressed by default, see ``COMPRESSIONS``), so reading a
+  crop touches one shard file and decodes only the tiles under it. ``kind='images'``:
   (N, H, W, C) uint8 or uint16; ``kind='features'``: (N, D) float32 (e.g. CellProfiler profiles).
 * ``metadata.parquet`` -- one row per item, JUMP column names, every ID a string (see ``COLUMNS``);
   ``row`` indexes the array, ``label`` is the class id (-1: unlabelled, e.g. a control) and
@@ -39,23 +39,37 @@ COLUMNS = ID_COLUMNS + ('is_control', 'label', 'row')
 MANIFEST_KEYS = ('format_version', 'kind', 'channels', 'dtype', 'item_shape', 'num_items', 'classes',
                  'control_id', 'created_by', 'num_unused_rows')
 DTYPES = {'images': ('uint8', 'uint16'), 'features': ('float32',)}
+# Store codecs, all blosc with bitshuffle (on cell images the bit planes above the noise compress
+# well). On 540-px microscopy-like content (BENCHMARKS.md) 'lz4hc' is both the smallest and the
+# fastest to decode of the compressed ones; it encodes ~1.5x slower than 'zstd', which stays for
+# content that entropy coding shrinks further (check on your data). 'none' reads fastest.
 COMPRESSIONS = {
+    'lz4hc': [{'name': 'blosc', 'configuration': {'cname': 'lz4hc', 'clevel': 5,
+                                                  'shuffle': 'bitshuffle'}}],
     'zstd': [{'name': 'blosc', 'configuration': {'cname': 'zstd', 'clevel': 3,
                                                  'shuffle': 'bitshuffle'}}],
     'lz4': [{'name': 'blosc', 'configuration': {'cname': 'lz4', 'clevel': 5,
                                                 'shuffle': 'bitshuffle'}}],
     'none': [],
 }
-MAX_TILE, MIN_TILE = 192, 48   # default tile side: the largest divisor of the side in this range
+DEFAULT_COMPRESSION = 'lz4hc'
+MAX_TILE, MIN_TILE = 192, 48   # default tile side: a divisor of the side in this range
+# blosc bitshuffles a chunk only if it holds a multiple of 8 elements; otherwise it compresses the
+# raw bytes, which on noisy images is larger and 1.5-2x slower to decode.
+BITSHUFFLE_ELEMENTS = 8
 
 
-def tile_side(side: int, tile: int | None = None) -> int:
+def tile_side(side: int, channels: int, tile: int | None = None) -> int:
   """The tile side for an image side: ``tile`` if given (it must divide ``side``), else the largest
-  divisor of ``side`` that is at most ``MAX_TILE`` (540 -> 180, 512 -> 128, 64 -> 64), or the whole
-  side when that divisor would be under ``MIN_TILE`` (e.g. a prime side)."""
+  divisor of ``side`` at most ``MAX_TILE`` whose tile (side² x ``channels`` elements) blosc can
+  bitshuffle (540 -> 180, 512 -> 128, 300 -> 100 with 5 channels); failing that the largest such
+  divisor; the whole side when the divisor would be under ``MIN_TILE`` (a prime side). A crop then
+  decodes only the tiles it touches; smaller tiles cost more per-chunk work than they save
+  (BENCHMARKS.md)."""
   if tile is None:
-    best = max(d for d in range(1, min(side, MAX_TILE) + 1) if side % d == 0)
-    return best if best >= min(MIN_TILE, side) else side
+    divisors = [d for d in range(min(MIN_TILE, side), min(side, MAX_TILE) + 1) if side % d == 0]
+    shuffled = [d for d in divisors if d * d * channels % BITSHUFFLE_ELEMENTS == 0]
+    return max(shuffled or divisors or [side])
   if tile < 1 or side % tile:
     raise StoreError(f'tile {tile} must be a positive divisor of the image side {side}')
   return tile
@@ -88,12 +102,11 @@ def _kind_of(item_shape: Sequence[int]) -> str:
 
 def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: str,
                  shard_items: int = 64, delete_existing: bool = False,
-                 compression: str = 'zstd', tile: int | None = None) -> ts.TensorStore:
+                 compression: str = DEFAULT_COMPRESSION, tile: int | None = None) -> ts.TensorStore:
   """Creates the (N, *item_shape) array: item_shape (H, W, C) for images, (D,) for features.
 
   Write whole shards (``shard_items`` rows, see ``shard_items_of``) from one writer at a time.
-  ``compression``: 'zstd' (blosc zstd-3 + bitshuffle: smallest), 'lz4' (blosc lz4 + bitshuffle:
-  faster to decode) or 'none' (fastest crops, largest). ``tile``: the side of an image's square
+  ``compression``: a key of ``COMPRESSIONS`` ('lz4hc' by default). ``tile``: the side of an image's square
   inner chunks (default ``tile_side``). Readers need not know either.
   """
   kind = _kind_of(item_shape)
@@ -105,7 +118,7 @@ def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: st
   item = [int(s) for s in item_shape]
   inner = [1] + item
   if kind == 'images':
-    inner = [1, tile_side(item[0], tile), tile_side(item[1], tile), item[2]]
+    inner = [1, tile_side(item[0], item[2], tile), tile_side(item[1], item[2], tile), item[2]]
   spec = _array_spec(path)
   spec['metadata'] = {
       'shape': [int(num_items)] + item, 'data_type': dtype,

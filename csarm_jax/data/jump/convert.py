@@ -67,7 +67,7 @@ class ConvertOptions:
   illum: bool = False                    # divide by the plate's Illum<Ch>.npy (the paper did not)
   crop: tuple[int, int] | None = None    # (H, W) after downsampling; None: see the module docstring
   shard_items: int = 64                  # sites per shard = per work unit
-  compression: str = 'zstd'              # store codec: 'zstd' | 'lz4' | 'none' (fastest reads)
+  compression: str = store_lib.DEFAULT_COMPRESSION   # store codec: a key of store.COMPRESSIONS
   tile: int = 0                          # side of the stored tiles (divides the crop); 0: auto
 
   def __post_init__(self):
@@ -328,11 +328,22 @@ def _source_sizes(index: pd.DataFrame, sizes: dict[str, list[int]]) -> dict[str,
   return {s: sorted(v) for s, v in sorted(by_source.items())}
 
 
+CODEC_OPTIONS = ('compression', 'tile')   # fixed by the array once created
+
+
 def _with_new_defaults(request: dict[str, Any]) -> dict[str, Any]:
   """A saved request with options added since it was written at their defaults, so an older
   interrupted run still resumes (its array keeps the layout it was created with)."""
   defaults = json.loads(json.dumps(dataclasses.asdict(ConvertOptions())))
   return {**request, 'options': nested.with_defaults(request['options'], defaults)}
+
+
+def _same_run(request: dict[str, Any], saved: dict[str, Any]) -> bool:
+  """Whether a request continues a saved run: the same index and options, whatever codec or tiles
+  it asks for (the run keeps the ones it started with)."""
+  strip = lambda r: {**r, 'options': {k: v for k, v in r['options'].items()
+                                      if k not in CODEC_OPTIONS}}
+  return strip(json.loads(json.dumps(request))) == strip(_with_new_defaults(saved))
 
 
 def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOptions(),
@@ -357,13 +368,13 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
     sizes = probe_sizes(index)
     crop = tuple(options.crop) if options.crop else auto_crop(sizes, options.downsample)
     for side in crop:   # a bad tile fails before anything is written
-      store_lib.tile_side(side, options.tile or None)
+      store_lib.tile_side(side, len(CHANNELS), options.tile or None)
     run = {'request': request, 'item_shape': [*crop, len(CHANNELS)], 'num_items': len(index),
            'command': command, 'index_path': index_path,
            'probed_source_sizes': _source_sizes(index, sizes)}
     kv.write(RUN_KEY, json.dumps(run, indent=1, sort_keys=True).encode()).result()
     run = _read_json(kv, RUN_KEY)     # as a resumed run will see it (key order included)
-  elif json.loads(json.dumps(request)) != _with_new_defaults(run['request']):
+  elif not _same_run(request, run['request']):
     raise ConvertError(f'{out} was started from another index or with other options '
                        f"({run['request']}); pass overwrite (--overwrite) or another output")
 
@@ -373,11 +384,12 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
     log.info('%s is complete; nothing to do. %s', out, qc_line(counts, report))
     return counts
   item_shape = tuple(run['item_shape'])
+  started = _with_new_defaults(run['request'])['options']
   try:
     store_lib.open_array(out)
   except store_lib.StoreError:
     store_lib.create_array(out, len(index), item_shape, options.dtype, shard_items=options.shard_items,
-                           compression=options.compression, tile=options.tile or None)
+                           compression=started['compression'], tile=started['tile'] or None)
   entries = _ledger(kv)
   size = options.shard_items
   num_shards = -(-len(index) // size)

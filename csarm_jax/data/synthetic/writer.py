@@ -73,13 +73,18 @@ def _write_progress(out: str, fingerprint: dict[str, Any], done: set[int]) -> No
   os.replace(path + '.tmp', path)
 
 
-STORAGE_FIELDS = ('shard_items', 'compression', 'tile')   # how images are stored, not what they are
+CODEC_FIELDS = ('compression', 'tile')   # fixed by the array once created
+STORAGE_FIELDS = ('shard_items',) + CODEC_FIELDS   # how images are stored, not what they are
+
+
+def _without(fingerprint: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+  config = {k: v for k, v in (fingerprint.get('config') or {}).items() if k not in fields}
+  return {**fingerprint, 'config': config}
 
 
 def _content(fingerprint: dict[str, Any]) -> dict[str, Any]:
   """The fingerprint without the storage fields: two stores with equal content are one benchmark."""
-  config = {k: v for k, v in (fingerprint.get('config') or {}).items() if k not in STORAGE_FIELDS}
-  return {**fingerprint, 'config': config}
+  return _without(fingerprint, STORAGE_FIELDS)
 
 
 def _with_new_fields(fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -118,9 +123,10 @@ def generate(config: ml_collections.ConfigDict, out: str, seed: int = 0, workers
                           'it or choose another directory')
   state = _read_progress(out)
   if state is not None:
-    state['fingerprint'] = _with_new_fields(state['fingerprint'])
-  if state is not None and state['fingerprint'] != fingerprint:
-    raise FileExistsError(_describe(out, fingerprint, state['fingerprint'], 'an interrupted run'))
+    saved = _with_new_fields(state['fingerprint'])
+    if _without(saved, CODEC_FIELDS) != _without(fingerprint, CODEC_FIELDS):
+      raise FileExistsError(_describe(out, fingerprint, saved, 'an interrupted run'))
+    fingerprint = saved     # a resumed run keeps the codec and tiles its array was created with
   if state is None and os.path.isdir(out) and os.listdir(out):
     raise FileExistsError(f'{out} is not empty and is not an interrupted synthetic run; choose an '
                           'empty or new directory')
