@@ -2,8 +2,8 @@ r"""Conversion throughput on synthetic full-size JUMP TIFFs (1080x1080 uint16, O
 
   PYTHONPATH=. python experiments/benchmark_convert.py --plates=2 --sites_per_plate=20 --workers=1,2
 
-Writes a temporary mirror (5 TIFFs of ~2.3 MB per site), indexes it, then converts it once per worker
-count into a fresh store (uint8, x0.5, 99.99 % clip, crop = 540). Prints JSON: host, shapes, the time
+Writes a temporary mirror (5 TIFFs of ~2.3 MB per site), indexes it, then converts it once per store
+codec and worker count into a fresh store (uint8, x0.5, 99.99 % clip, crop = 540). Prints JSON: host, shapes, the time
 of one site in-process (TIFF reads vs image math), and per worker count the wall time of the whole
 conversion with sites/s overall and per worker, with and without the worker start-up (spawned
 processes import csarm_jax, hence jax: measured separately), and the CPU seconds per site (user +
@@ -12,6 +12,7 @@ cache when read, so the figures exclude disk/network reads.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ flags.DEFINE_integer('sites_per_plate', 20, 'Sites per plate (9 per well).')
 flags.DEFINE_integer('size', 1080, 'Raw image side.')
 flags.DEFINE_list('workers', ['1', '2'], 'Worker counts to time.')
 flags.DEFINE_integer('shard_items', 4, 'Sites per shard.')
+flags.DEFINE_list('compressions', [jump.ConvertOptions.compression], 'Store codecs to time.')
 flags.DEFINE_string('tmp', None, 'Folder for the temporary mirror (default: the system temp dir).')
 
 PHENIX_CH = {'DNA': 5, 'ER': 4, 'RNA': 3, 'AGP': 2, 'Mito': 1}
@@ -142,9 +144,9 @@ def main(argv):
         'generate_mirror_s': round(generate_s, 2),
         'one_site_in_process': {k: round(v, 4) for k, v in time_one_site(index).items()},
         'runs': []}
-    for workers in map(int, FLAGS.workers):
-      out = os.path.join(tmp, f'store_{workers}')
-      options = jump.ConvertOptions(shard_items=FLAGS.shard_items)
+    for compression, workers in itertools.product(FLAGS.compressions, map(int, FLAGS.workers)):
+      out = os.path.join(tmp, f'store_{compression}_{workers}')
+      options = jump.ConvertOptions(shard_items=FLAGS.shard_items, compression=compression)
       cpu_before = _cpu_seconds()
       start = time.perf_counter()
       convert_lib.convert_sites(index_path, out, options, workers=workers, progress=False)
@@ -152,7 +154,8 @@ def main(argv):
       cpu = _cpu_seconds() - cpu_before        # workers are counted once they have exited
       startup = worker_startup_seconds(workers) if workers > 1 else 0.0
       steady = len(index) / max(wall - startup, 1e-9)
-      results['runs'].append({'workers': workers, 'wall_s': round(wall, 2),
+      results['runs'].append({'compression': compression, 'workers': workers,
+                              'wall_s': round(wall, 2),
                               'sites_per_s': round(len(index) / wall, 2),
                               'sites_per_s_per_worker': round(len(index) / wall / workers, 2),
                               'worker_startup_s': round(startup, 2),
