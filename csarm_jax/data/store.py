@@ -40,9 +40,10 @@ MANIFEST_KEYS = ('format_version', 'kind', 'channels', 'dtype', 'item_shape', 'n
                  'control_id', 'created_by', 'num_unused_rows')
 DTYPES = {'images': ('uint8', 'uint16'), 'features': ('float32',)}
 # Store codecs, all blosc with bitshuffle (on cell images the bit planes above the noise compress
-# well). On 540-px microscopy-like content (BENCHMARKS.md) 'lz4hc' is both the smallest and the
-# fastest to decode of the compressed ones; it encodes ~1.5x slower than 'zstd', which stays for
-# content that entropy coding shrinks further (check on your data). 'none' reads fastest.
+# well). On 540-px microscopy-like content (BENCHMARKS.md) 'lz4hc' is the smallest, decodes as fast
+# as 'lz4' and 20-40 % faster than 'zstd', and encodes ~2x slower than 'zstd'; 'zstd' may be
+# smaller on smoother content (experiments/benchmark_codecs.py compares them on a store of yours).
+# 'none' reads fastest.
 COMPRESSIONS = {
     'lz4hc': [{'name': 'blosc', 'configuration': {'cname': 'lz4hc', 'clevel': 5,
                                                   'shuffle': 'bitshuffle'}}],
@@ -62,8 +63,8 @@ BITSHUFFLE_ELEMENTS = 8
 def tile_side(side: int, channels: int, tile: int | None = None) -> int:
   """The tile side for an image side: ``tile`` if given (it must divide ``side``), else the largest
   divisor of ``side`` at most ``MAX_TILE`` whose tile (side² x ``channels`` elements) blosc can
-  bitshuffle (540 -> 180, 512 -> 128, 300 -> 100 with 5 channels); failing that the largest such
-  divisor; the whole side when the divisor would be under ``MIN_TILE`` (a prime side). A crop then
+  bitshuffle (540 -> 180, 512 -> 128, 300 -> 100 with 5 channels); failing that the largest
+  divisor in that range; the whole side when the divisor would be under ``MIN_TILE`` (a prime side). A crop then
   decodes only the tiles it touches; smaller tiles cost more per-chunk work than they save
   (BENCHMARKS.md)."""
   if tile is None:
@@ -106,8 +107,8 @@ def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: st
   """Creates the (N, *item_shape) array: item_shape (H, W, C) for images, (D,) for features.
 
   Write whole shards (``shard_items`` rows, see ``shard_items_of``) from one writer at a time.
-  ``compression``: a key of ``COMPRESSIONS`` ('lz4hc' by default). ``tile``: the side of an image's square
-  inner chunks (default ``tile_side``). Readers need not know either.
+  ``compression``: a key of ``COMPRESSIONS`` ('lz4hc' by default). ``tile``: the side of an
+  image's square inner chunks (default ``tile_side``). Readers need not know either.
   """
   kind = _kind_of(item_shape)
   if kind == 'invalid' or dtype not in DTYPES[kind]:
