@@ -8,6 +8,11 @@ from importlib import metadata
 from typing import Any
 
 
+def disk_bytes(path: str) -> int:
+  """Bytes of every file under ``path`` (a store on local disk)."""
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
 def cpu_model() -> str:
   try:
     with open('/proc/cpuinfo') as f:

@@ -24,6 +24,7 @@ from typing import Any
 from absl import app, flags
 
 from bench_common import host_info
+from csarm_jax.data.store import DEFAULT_COMPRESSION
 
 _BENCH = flags.DEFINE_enum('bench', 'step', ['step', 'loader', 'train'], 'What to measure.')
 _MODEL = flags.DEFINE_string('model', 'resnet18', 'Model name (csarm_jax.models.names()).')
@@ -38,8 +39,9 @@ _METHOD = flags.DEFINE_string('method', 'cs_arm_bn', 'Method whose training step
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after one compile step).')
 _STORE_SIZES = flags.DEFINE_list('store_sizes', ['512', '2048'],
                                  'loader/train: images per benchmark store (540x540x5 uint8).')
-_COMPRESSIONS = flags.DEFINE_list('compressions', ['lz4hc'], 'loader: store compressions.')
-_TILES = flags.DEFINE_list('tiles', ['0'], 'loader: store tile sides (0: default; 540: whole images).')
+_COMPRESSIONS = flags.DEFINE_list('compressions', [DEFAULT_COMPRESSION], 'loader: store compressions.')
+_TILES = flags.DEFINE_list('tiles', ['0'],
+                           'loader: store tile sides (0: default; 540: whole images).')
 _THREADS = flags.DEFINE_integer('num_threads', 2, 'loader/train: grain reader threads.')
 
 

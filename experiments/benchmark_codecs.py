@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 import benchmark_loader
-from bench_common import host_info
+from bench_common import disk_bytes, host_info
 from csarm_jax import data
 from csarm_jax.data import contexts as ctx_lib
 from csarm_jax.data import pipeline, store as store_lib
@@ -90,7 +90,7 @@ def main(argv):
       path = os.path.join(root, layout.replace(':', '_'))
       encode = copy_plates(source, path, FLAGS.num_images, compression, int(tile))
       store = data.open_store(path)
-      disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+      disk = disk_bytes(path)
       name = f"{compression}:{store.array.chunk_layout.read_chunk.shape[1]}"
       stores[name] = store
       layouts.append({'layout': name, 'images': len(store.table),
@@ -102,7 +102,8 @@ def main(argv):
     index = ctx_lib.index_plates(first.table, plates, num_classes=len(first.class_ids))
     for r in range(FLAGS.rounds):
       for entry in (layouts if r % 2 == 0 else layouts[::-1]):
-        entry['read_images_per_cpu_s'].append(round(read_speed(stores[entry['layout']], index, r), 1))
+        speed = read_speed(stores[entry['layout']], index, r)
+        entry['read_images_per_cpu_s'].append(round(speed, 1))
     for entry in layouts:
       entry['read_images_per_cpu_s_median'] = float(np.median(entry['read_images_per_cpu_s']))
     print(json.dumps({

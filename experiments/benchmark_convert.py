@@ -3,8 +3,9 @@ r"""Conversion throughput on synthetic full-size JUMP TIFFs (1080x1080 uint16, O
   PYTHONPATH=. python experiments/benchmark_convert.py --plates=2 --sites_per_plate=20 --workers=1,2
 
 Writes a temporary mirror (5 TIFFs of ~2.3 MB per site), indexes it, then converts it once per store
-codec and worker count into a fresh store (uint8, x0.5, 99.99 % clip, crop = 540). Prints JSON: host, shapes, the time
-of one site in-process (TIFF reads vs image math), and per worker count the wall time of the whole
+codec and worker count into a fresh store (uint8, x0.5, 99.99 % clip, crop = 540). Prints JSON:
+host, shapes, the time of one site in-process (TIFF reads vs image math), and per codec and worker
+count the wall time of the whole
 conversion with sites/s overall and per worker, with and without the worker start-up (spawned
 processes import csarm_jax, hence jax: measured separately), and the CPU seconds per site (user +
 system, workers included), which a shared host's load does not inflate. The TIFFs are in the page
@@ -28,7 +29,7 @@ import pandas as pd
 import tifffile
 from absl import app, flags
 
-from bench_common import host_info
+from bench_common import disk_bytes, host_info
 from csarm_jax.data import jump
 from csarm_jax.data.constants import CHANNELS, CONTROL_ID, POSITIVE_CONTROLS
 from csarm_jax.data.jump import convert as convert_lib
@@ -162,8 +163,7 @@ def main(argv):
                               'sites_per_s_excluding_startup': round(steady, 2),
                               'sites_per_s_per_worker_excluding_startup': round(steady / workers, 2),
                               'cpu_s_per_site': round(cpu / len(index), 4),
-                              'store_bytes': sum(os.path.getsize(os.path.join(d, f))
-                                                 for d, _, fs in os.walk(out) for f in fs)})
+                              'store_bytes': disk_bytes(out)})
     print(json.dumps(results, indent=1))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from bench_common import host_info
+from bench_common import disk_bytes, host_info
 from csarm_jax import data
 from csarm_jax.data import augment
 from csarm_jax.data import contexts as ctx_lib
@@ -74,7 +74,8 @@ def _templates(rng: np.random.Generator, count: int) -> np.ndarray:
 
 def make_benchmark_store(path: str, num_images: int, plate_size: tuple[int, int] = (96, 160),
                          seed: int = 0, shard_items: int = 64,
-                         compression: str = data.DEFAULT_COMPRESSION, tile: int = 0) -> dict[str, Any]:
+                         compression: str = data.DEFAULT_COMPRESSION,
+                         tile: int = 0) -> dict[str, Any]:
   """A store of ``num_images`` 540x540x5 uint8 images in plates of (perturbed, controls) images."""
   rng = np.random.default_rng(seed)
   templates, noise = _templates(rng, 12), rng.integers(0, 8, (4, *IMAGE_SHAPE), dtype=np.uint8)
@@ -110,9 +111,10 @@ def make_benchmark_store(path: str, num_images: int, plate_size: tuple[int, int]
                                 data.POSITIVE_CONTROLS, data.CONTROL_ID,
                                 {'tool': 'experiments/benchmark_loader.py', 'seed': seed})
   data.write_metadata(path, table, manifest)
-  disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+  disk = disk_bytes(path)
   return {'num_images': num_images, 'compression': compression,
-          'tile': int(array.chunk_layout.read_chunk.shape[1]), 'plates': int(table['Metadata_Plate'].nunique()),
+          'tile': int(array.chunk_layout.read_chunk.shape[1]),
+          'plates': int(table['Metadata_Plate'].nunique()),
           'write_images_per_s': round(num_images / write_s, 1),
           'disk_mib': round(disk / 2 ** 20, 1),
           'compression_ratio': round(float(num_images * np.prod(IMAGE_SHAPE) / disk), 2)}
@@ -145,13 +147,12 @@ def _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_
   rss_before = _rss_mb()
   with _PeakRss() as rss:
     first = next(batches)                         # warm-up: threads and tensorstore start
-    cpu0, t0 = os.times(), time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()   # CPU: user + system, all threads
     images = 0
     for _ in range(num_batches):
       images += int(next(batches)['mask'].sum())
     wall = time.perf_counter() - t0
-    cpu1 = os.times()
-  cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    cpu = time.process_time() - cpu0
   return {'batch_shapes': {k: list(v.shape) for k, v in first.items()},
           'images_dtype': str(first['images'].dtype), 'num_threads': num_threads,
           'images_served': images, 'wall_s': round(wall, 2),
@@ -163,8 +164,8 @@ def _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_
 
 
 def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
-                     compressions: Sequence[str] = (data.DEFAULT_COMPRESSION,), tiles: Sequence[int] = (0,),
-                     num_perturbed: int = 64,
+                     compressions: Sequence[str] = (data.DEFAULT_COMPRESSION,),
+                     tiles: Sequence[int] = (0,), num_perturbed: int = 64,
                      num_controls: int = 128, contexts_per_batch: int = 8, crop_size: int = 256,
                      num_batches: int = 6, num_threads: int = 2, latency_repeats: int = 5,
                      workdir: str | None = None, keep_stores: bool = False) -> dict[str, Any]:

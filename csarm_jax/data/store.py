@@ -54,6 +54,7 @@ COMPRESSIONS = {
     'none': [],
 }
 DEFAULT_COMPRESSION = 'lz4hc'
+LAYOUT_OPTIONS = ('compression', 'tile')   # how create_array lays images out; fixed once created
 MAX_TILE, MIN_TILE = 192, 48   # default tile side: a divisor of the side in this range
 # blosc bitshuffles a chunk only if it holds a multiple of 8 elements; otherwise it compresses the
 # raw bytes, which on noisy images is larger and 1.5-2x slower to decode.
@@ -64,9 +65,9 @@ def tile_side(side: int, channels: int, tile: int | None = None) -> int:
   """The tile side for an image side: ``tile`` if given (it must divide ``side``), else the largest
   divisor of ``side`` at most ``MAX_TILE`` whose tile (side² x ``channels`` elements) blosc can
   bitshuffle (540 -> 180, 512 -> 128, 300 -> 100 with 5 channels); failing that the largest
-  divisor in that range; the whole side when the divisor would be under ``MIN_TILE`` (a prime side). A crop then
-  decodes only the tiles it touches; smaller tiles cost more per-chunk work than they save
-  (BENCHMARKS.md)."""
+  divisor in that range; the whole side when the divisor would be under ``MIN_TILE`` (a prime
+  side). A crop then decodes only the tiles it touches; smaller tiles cost more per-chunk work than
+  they save (BENCHMARKS.md)."""
   if tile is None:
     divisors = [d for d in range(min(MIN_TILE, side), min(side, MAX_TILE) + 1) if side % d == 0]
     shuffled = [d for d in divisors if d * d * channels % BITSHUFFLE_ELEMENTS == 0]

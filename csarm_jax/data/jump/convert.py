@@ -328,9 +328,6 @@ def _source_sizes(index: pd.DataFrame, sizes: dict[str, list[int]]) -> dict[str,
   return {s: sorted(v) for s, v in sorted(by_source.items())}
 
 
-CODEC_OPTIONS = ('compression', 'tile')   # fixed by the array once created
-
-
 def _with_new_defaults(request: dict[str, Any]) -> dict[str, Any]:
   """A saved request with options added since it was written at their defaults, so an older
   interrupted run still resumes (its array keeps the layout it was created with)."""
@@ -342,7 +339,7 @@ def _same_run(request: dict[str, Any], saved: dict[str, Any]) -> bool:
   """Whether a request continues a saved run: the same index and options, whatever codec or tiles
   it asks for (the run keeps the ones it started with)."""
   strip = lambda r: {**r, 'options': {k: v for k, v in r['options'].items()
-                                      if k not in CODEC_OPTIONS}}
+                                      if k not in store_lib.LAYOUT_OPTIONS}}
   return strip(json.loads(json.dumps(request))) == strip(_with_new_defaults(saved))
 
 

@@ -73,8 +73,7 @@ def _write_progress(out: str, fingerprint: dict[str, Any], done: set[int]) -> No
   os.replace(path + '.tmp', path)
 
 
-CODEC_FIELDS = ('compression', 'tile')   # fixed by the array once created
-STORAGE_FIELDS = ('shard_items',) + CODEC_FIELDS   # how images are stored, not what they are
+STORAGE_FIELDS = ('shard_items',) + store.LAYOUT_OPTIONS   # how images are stored, not what they are
 
 
 def _without(fingerprint: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
@@ -124,7 +123,7 @@ def generate(config: ml_collections.ConfigDict, out: str, seed: int = 0, workers
   state = _read_progress(out)
   if state is not None:
     saved = _with_new_fields(state['fingerprint'])
-    if _without(saved, CODEC_FIELDS) != _without(fingerprint, CODEC_FIELDS):
+    if _without(saved, store.LAYOUT_OPTIONS) != _without(fingerprint, store.LAYOUT_OPTIONS):
       raise FileExistsError(_describe(out, fingerprint, saved, 'an interrupted run'))
     fingerprint = saved     # a resumed run keeps the codec and tiles its array was created with
   if state is None and os.path.isdir(out) and os.listdir(out):
