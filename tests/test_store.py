@@ -44,13 +44,17 @@ def test_sharded_layout_one_file_per_shard(written):
 
 
 def test_tile_side_known_answers():
-  # 5 channels: the largest divisor <= 192 whose tile holds a multiple of 8 elements (blosc
-  # bitshuffles it), else the largest divisor <= 192, else (under 48, a prime side) the whole side.
+  # 5 channels: the largest divisor <= 192 whose tile holds a multiple of 8 elements of blosc's
+  # typesize (2 bytes for uint8 and uint16: blosc bitshuffles it), else the largest divisor <= 192,
+  # else (under 48, a prime side) the whole side.
   known = {16: 16, 20: 20, 50: 50, 64: 64, 192: 192, 200: 100, 201: 67, 256: 128, 270: 135,
            300: 100, 512: 128, 540: 180, 541: 541, 1000: 100, 1080: 180, 2 * 5 * 41: 82,
            4 * 47: 188, 2 * 193: 386, 3 * 5 * 7: 105}
   assert {side: store_lib.tile_side(side, 5) for side in known} == known
-  assert store_lib.tile_side(300, 2) == 150 and store_lib.tile_side(300, 8) == 150
+  # 2 uint8 channels: 150² x 2 = 45,000 bytes is 22,500 byte pairs, not a multiple of 8.
+  assert store_lib.tile_side(300, 2) == 100 and store_lib.tile_side(300, 8) == 150
+  assert store_lib.tile_side(300, 2, dtype='uint16') == 150
+  assert [store_lib.blosc_typesize(d) for d in ('uint8', 'uint16', 'float32')] == [2, 2, 4]
   assert store_lib.tile_side(512, 5, 64) == 64
   with pytest.raises(store_lib.StoreError, match='tile 100 must be a positive divisor of the image side 512'):
     store_lib.tile_side(512, 5, 100)
@@ -68,7 +72,10 @@ def test_default_tiles_are_bitshuffled(tmp_path):
     path = str(tmp_path / str(tile))
     store_lib.create_array(path, 2, (540, 540, 5), 'uint8', tile=tile)[...].write(images).result()
     sizes[tile] = sum(f.stat().st_size for f in (tmp_path / str(tile)).rglob('*') if f.is_file())
-    np.testing.assert_array_equal(store_lib.open_array(path).read().result(), images)
+    array = store_lib.open_array(path)
+    np.testing.assert_array_equal(array.read().result(), images)
+    blosc = array.codec.to_json()['codecs'][0]['configuration']['codecs'][1]['configuration']
+    assert blosc['typesize'] == 2 and blosc['shuffle'] == 'bitshuffle', blosc
   assert default == 180 and sizes[default] * 2 < sizes[135], sizes
   with pytest.raises(store_lib.StoreError, match='tile 7'):
     store_lib.create_array('/nonexistent/never/written', 4, (20, 20, 5), 'uint8', tile=7)

@@ -40,7 +40,7 @@ MANIFEST_KEYS = ('format_version', 'kind', 'channels', 'dtype', 'item_shape', 'n
                  'control_id', 'created_by', 'num_unused_rows')
 DTYPES = {'images': ('uint8', 'uint16'), 'features': ('float32',)}
 # Store codecs, all blosc with bitshuffle (on cell images the bit planes above the noise compress
-# well). On 540-px microscopy-like content (BENCHMARKS.md) 'lz4hc' is the smallest, decodes as fast
+# well; ``codecs`` sets the element size). On 540-px microscopy-like content (BENCHMARKS.md) 'lz4hc' is the smallest, decodes as fast
 # as 'lz4' and 20-40 % faster than 'zstd', and encodes ~2x slower than 'zstd'; 'zstd' may be
 # smaller on smoother content (experiments/benchmark_codecs.py compares them on a store of yours).
 # 'none' reads fastest.
@@ -56,21 +56,37 @@ COMPRESSIONS = {
 DEFAULT_COMPRESSION = 'lz4hc'
 LAYOUT_OPTIONS = ('compression', 'tile')   # how create_array lays images out; fixed once created
 MAX_TILE, MIN_TILE = 192, 48   # default tile side: a divisor of the side in this range
-# blosc bitshuffles a chunk only if it holds a multiple of 8 elements; otherwise it compresses the
-# raw bytes, which on noisy images is larger and 1.5-2x slower to decode.
+# blosc bitshuffles a chunk only if it holds a multiple of 8 elements (of ``blosc_typesize``
+# bytes); otherwise it compresses the raw bytes, which on noisy images is larger and 1.5-2x slower
+# to decode.
 BITSHUFFLE_ELEMENTS = 8
 
 
-def tile_side(side: int, channels: int, tile: int | None = None) -> int:
+def blosc_typesize(dtype: str) -> int:
+  """The element size blosc bitshuffles by: the dtype's, but at least 2 bytes. blosc's SIMD
+  bitshuffle handles only even sizes and runs scalar code on 1-byte elements; uint8 images
+  bitshuffled as byte pairs decode 16-20 % faster and come out 3-4 % larger (BENCHMARKS.md)."""
+  return max(2, np.dtype(dtype).itemsize)
+
+
+def codecs(compression: str, dtype: str) -> list[dict[str, Any]]:
+  """The zarr3 codecs after ``bytes`` for an inner chunk: ``COMPRESSIONS[compression]`` with
+  blosc's ``typesize`` set for ``dtype``."""
+  return [{**c, 'configuration': {**c['configuration'], 'typesize': blosc_typesize(dtype)}}
+          if c['name'] == 'blosc' else c for c in COMPRESSIONS[compression]]
+
+
+def tile_side(side: int, channels: int, tile: int | None = None, dtype: str = 'uint8') -> int:
   """The tile side for an image side: ``tile`` if given (it must divide ``side``), else the largest
-  divisor of ``side`` at most ``MAX_TILE`` whose tile (side² x ``channels`` elements) blosc can
-  bitshuffle (540 -> 180, 512 -> 128, 300 -> 100 with 5 channels); failing that the largest
-  divisor in that range; the whole side when the divisor would be under ``MIN_TILE`` (a prime
-  side). A crop then decodes only the tiles it touches; smaller tiles cost more per-chunk work than
-  they save (BENCHMARKS.md)."""
+  divisor of ``side`` at most ``MAX_TILE`` whose tile (side² x ``channels`` values of ``dtype``)
+  blosc can bitshuffle (540 -> 180, 512 -> 128, 300 -> 100 with 5 channels); failing that the
+  largest divisor in that range; the whole side when the divisor would be under ``MIN_TILE`` (a
+  prime side). A crop then decodes only the tiles it touches; smaller tiles cost more per-chunk
+  work than they save (BENCHMARKS.md)."""
   if tile is None:
     divisors = [d for d in range(min(MIN_TILE, side), min(side, MAX_TILE) + 1) if side % d == 0]
-    shuffled = [d for d in divisors if d * d * channels % BITSHUFFLE_ELEMENTS == 0]
+    unit = BITSHUFFLE_ELEMENTS * blosc_typesize(dtype)    # bytes
+    shuffled = [d for d in divisors if d * d * channels * np.dtype(dtype).itemsize % unit == 0]
     return max(shuffled or divisors or [side])
   if tile < 1 or side % tile:
     raise StoreError(f'tile {tile} must be a positive divisor of the image side {side}')
@@ -120,7 +136,8 @@ def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: st
   item = [int(s) for s in item_shape]
   inner = [1] + item
   if kind == 'images':
-    inner = [1, tile_side(item[0], item[2], tile), tile_side(item[1], item[2], tile), item[2]]
+    inner = [1, tile_side(item[0], item[2], tile, dtype), tile_side(item[1], item[2], tile, dtype),
+             item[2]]
   spec = _array_spec(path)
   spec['metadata'] = {
       'shape': [int(num_items)] + item, 'data_type': dtype,
@@ -128,7 +145,7 @@ def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: st
       'codecs': [{'name': 'sharding_indexed', 'configuration': {
           'chunk_shape': inner,
           'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
-                     *COMPRESSIONS[compression]],
+                     *codecs(compression, dtype)],
           'index_codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
                            {'name': 'crc32c'}]}}],
   }
