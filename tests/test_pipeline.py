@@ -2,6 +2,7 @@
 normalisation statistics against numpy."""
 import dataclasses
 import itertools
+import weakref
 
 import jax
 import numpy as np
@@ -69,12 +70,17 @@ def test_store_windows_equal_numpy_windows(tmp_path, compression, tile):
   rows = np.array([5, 0, 5, 33, 79])
   for rng in (np.random.default_rng(3), None):
     windows = augment.crop_windows(len(rows), 20, 20, CROP, rng)
-    np.testing.assert_array_equal(data.read_windows(store, rows, windows),
-                                  augment.apply_windows(items[rows], windows))
+    expected = augment.apply_windows(items[rows], windows)
+    np.testing.assert_array_equal(data.read_windows(store, rows, windows), expected)
+    out = np.full(expected.shape, 7, np.uint8)
+    assert data.read_windows(store, rows, windows, out) is out
+    np.testing.assert_array_equal(out, expected)
   flipped = augment.Windows(np.array([1, 2]), np.array([3, 0]), np.array([True, False]),
                             np.array([True, True]), CROP)
   np.testing.assert_array_equal(data.read_windows(store, rows[:2], flipped)[0],
                                 items[5, 1:17, 3:19][::-1, ::-1])
+  with pytest.raises(ValueError, match=r'out is uint8 \(2, 16, 16, 5\), the crops are uint8 \(5'):
+    data.read_windows(store, rows, flipped, np.empty((2, CROP, CROP, 5), np.uint8))
 
 
 def _check_batch(batch, store, items, c, m, train):
@@ -152,6 +158,26 @@ def test_deterministic_and_resumes_exactly(written):
     data.training_batches(store, fold.train, seed=6, **KW).set_state(state)
   finite = data.training_batches(store, fold.train, seed=5, num_batches=2, **KW)
   assert len(finite) == 2 and len(list(finite)) == 2
+
+
+def test_recycled_batch_memory_is_never_overwritten_while_referenced(written):
+  # The pipeline reuses a batch's image memory once nothing references it. Kept batches (more than
+  # its pool holds), views of them and JAX arrays made from them must keep their content.
+  store, _, fold = written
+  copies = [{k: v.copy() for k, v in b.items()}
+            for b in _take(data.training_batches(store, fold.train, seed=7, **KW), 12)]
+  it = data.training_batches(store, fold.train, seed=7, **KW)
+  recycled = weakref.ref(next(it)['images'].base)    # dropped at once
+  _take(it, 3)
+  assert recycled() is not None                      # its buffer stayed in the pool
+  it.set_state({**it.get_state(), 'next_batch': 0})
+  kept = _take(it, 10)
+  on_device = jax.device_put(next(it)['images'])
+  view = next(it)['images'][1]
+  _take(it, 8)
+  _assert_same(copies[:10], kept)
+  np.testing.assert_array_equal(np.asarray(on_device), copies[10]['images'])
+  np.testing.assert_array_equal(view, copies[11]['images'][1])
 
 
 def _concat(shares):

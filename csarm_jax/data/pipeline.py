@@ -26,7 +26,9 @@ union over processes is the single-process batch, and a state restores under any
 
 Each grain element is one process-local batch, read in one tensorstore call that copies out only the
 crops (``read_windows``); grain's threads (``num_threads``) prepare several batches at once and keep
-``prefetch_buffer_size`` finished ones ready. Resident memory is about (threads + buffer) batches.
+``prefetch_buffer_size`` finished ones ready. Image memory is recycled (``buffers.BufferPool``): a
+batch's buffer is reused once nothing references the batch any more. Resident memory is about
+(threads + buffer + 2) batches.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import tensorstore as ts
 from absl import logging
 
 from csarm_jax.data import augment
+from csarm_jax.data.buffers import BufferPool
 from csarm_jax.data import contexts as ctx_lib
 from csarm_jax.data.contexts import Context, PlateIndex
 
@@ -48,27 +51,39 @@ MODES = ('plate', 'mixed')
 _ENDLESS = 2 ** 60            # the batches of an "endless" iterator
 
 
-def read_windows(store, rows: np.ndarray, windows: augment.Windows) -> np.ndarray:
+def read_windows(store, rows: np.ndarray, windows: augment.Windows,
+                 out: np.ndarray | None = None) -> np.ndarray:
   """Crops of the images at ``rows`` in one tensorstore read: each a view of the array (window,
-  flips), stacked, so tensorstore fetches them concurrently and copies out only the crops."""
+  flips), stacked, so tensorstore fetches them concurrently and copies out only the crops; into
+  ``out`` (M, size, size, C) if given (e.g. a ``buffers.BufferPool`` buffer), else new memory."""
   s = windows.size
+  shape = (len(rows), s, s, store.item_shape[-1])
+  if out is not None and (out.shape != shape or out.dtype != store.array.dtype.numpy_dtype):
+    raise ValueError(f'out is {out.dtype} {out.shape}, the crops are '
+                     f'{store.manifest["dtype"]} {shape}')
   if len(rows) == 0:
-    return np.zeros((0, s, s, store.item_shape[-1]), store.manifest['dtype'])
+    return np.zeros(shape, store.manifest['dtype']) if out is None else out
   layers = [store.array[int(r), int(y):int(y) + s, int(x):int(x) + s][
                 ::-1 if fh else 1, ::-1 if fw else 1].translate_to[0, 0, 0]
             for r, y, x, fh, fw in zip(rows, windows.ys, windows.xs, windows.flip_h,
                                        windows.flip_w)]
-  return ts.stack(layers).read().result()
+  if out is None:
+    return ts.stack(layers).read().result()
+  # One write per crop: as concurrent as the stacked read, and cheaper than one stacked write.
+  for write in [ts.array(o, copy=False, write=True).write(layer) for o, layer in zip(out, layers)]:
+    write.result()
+  return out
 
 
 def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
-                  rngs: Sequence[np.random.Generator] | None = None, flips: bool = True) -> Batch:
+                  rngs: Sequence[np.random.Generator] | None = None, flips: bool = True,
+                  pool: BufferPool | None = None) -> Batch:
   """Stacks equal-size contexts into a batch, reading all their crops in one store read: the one
   preprocessing path of training, evaluation and prediction.
 
   ``rngs`` (one per context) given: random crops (and flips), for training; None: centre crops.
   ``crop_size=None``: the largest square (the whole image if square). Feature stores are read
-  whole. Padding rows are zeros.
+  whole. Padding rows are zeros. ``pool``: where a batch without padding gets its image memory.
   """
   rows = np.stack([c.rows for c in contexts])
   real = rows >= 0
@@ -78,7 +93,11 @@ def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
         augment.crop_windows(c.num_real, height, width, crop_size,
                               None if rngs is None else rngs[i], flips)
         for i, c in enumerate(contexts)])
-    items = read_windows(store, rows[real], windows)
+    out = None
+    if pool is not None and real.all():
+      out = pool.empty((rows.size, windows.size, windows.size, store.item_shape[-1]),
+                       store.manifest['dtype'])
+    items = read_windows(store, rows[real], windows, out)
   else:
     items = store.read(rows[real])
   if real.all():
@@ -156,6 +175,12 @@ def _local_batches(contexts_of: Callable[[list[int]], Batch], start: int, stop: 
   return grain.MapDataset.range(start, stop).map(local_batch).to_iter_dataset(options)
 
 
+def _batch_pool(num_threads: int, prefetch_buffer_size: int) -> BufferPool:
+  """Image memory for the batches in flight: being read (threads), ready (prefetch buffer) and
+  held by the consumer (the current batch, and the previous one while the device copies it)."""
+  return BufferPool(num_threads + prefetch_buffer_size + 2)
+
+
 def _log_report(what: str, index: PlateIndex, too_few: dict[str, dict] | None = None,
                 too_few_mode: str = 'replace', **extra) -> dict[str, Any]:
   """Logs (warning) and returns what was skipped and which plates have too few images."""
@@ -207,9 +232,11 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   report = _log_report('training', index, too_few_plates, too_few,
                        num_perturbed_images=int(sum(len(r) for r in index.perturbed)))
 
+  pool = _batch_pool(num_threads, prefetch_buffer_size)
+
   def contexts_of(indices: list[int]) -> Batch:
     rngs = [np.random.default_rng([seed, g]) for g in indices]
-    return read_contexts(store, [sample(rng) for rng in rngs], crop_size, rngs, flips)
+    return read_contexts(store, [sample(rng) for rng in rngs], crop_size, rngs, flips, pool)
 
   settings = dict(what='training', mode=mode, N=num_perturbed, K=num_controls,
                   C=contexts_per_batch, crop=crop_size, flips=flips, too_few=too_few, seed=seed,
@@ -262,7 +289,9 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                   contexts_per_plate=contexts_per_plate, too_few=too_few,
                   max_images_per_plate=max_images_per_plate,
                   plates=list(index.plates))
-  contexts_of = lambda indices: read_contexts(store, [contexts[g] for g in indices], crop_size)
+  pool = _batch_pool(num_threads, prefetch_buffer_size)
+  contexts_of = lambda indices: read_contexts(store, [contexts[g] for g in indices], crop_size,
+                                              pool=pool)
   build = lambda start: _local_batches(contexts_of, start, num_batches, contexts_per_batch,
                                        process_index, process_count, num_threads,
                                        prefetch_buffer_size)
