@@ -32,6 +32,7 @@ from csarm_jax.data import contexts as ctx_lib
 from csarm_jax.data import pipeline
 
 IMAGE_SHAPE = (540, 540, 5)
+WARMUP_BATCHES = 4   # untimed: grain's threads, tensorstore and the batch-buffer pool start up
 
 
 def _rss_mb() -> float:
@@ -146,15 +147,19 @@ def _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_
                                   crop_size=crop_size, seed=0, num_threads=num_threads)
   rss_before = _rss_mb()
   with _PeakRss() as rss:
-    first = next(batches)                         # warm-up: threads and tensorstore start
+    first = next(batches)
+    shapes = {k: list(v.shape) for k, v in first.items()}
+    dtype = str(first['images'].dtype)
+    del first                                     # held, it would keep a buffer from the pool
+    for _ in range(WARMUP_BATCHES - 1):
+      next(batches)
     cpu0, t0 = time.process_time(), time.perf_counter()   # CPU: user + system, all threads
     images = 0
     for _ in range(num_batches):
       images += int(next(batches)['mask'].sum())
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-  return {'batch_shapes': {k: list(v.shape) for k, v in first.items()},
-          'images_dtype': str(first['images'].dtype), 'num_threads': num_threads,
+  return {'batch_shapes': shapes, 'images_dtype': dtype, 'num_threads': num_threads,
           'images_served': images, 'wall_s': round(wall, 2),
           'images_per_s': round(images / wall, 1),
           'images_per_cpu_s': round(images / cpu, 1), 'cpu_utilisation': round(cpu / wall, 2),
@@ -178,7 +183,8 @@ def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
       'settings': {'image_shape': list(IMAGE_SHAPE), 'dtype': 'uint8', 'crop_size': crop_size,
                    'flips': True, 'num_perturbed': num_perturbed, 'num_controls': num_controls,
                    'contexts_per_batch': contexts_per_batch, 'num_batches': num_batches,
-                   'num_threads': num_threads, 'store': 'zarr3, 64 images/shard, tile x tile chunks'},
+                   'num_threads': num_threads, 'warmup_batches': WARMUP_BATCHES,
+                   'store': 'zarr3, 64 images/shard, tile x tile chunks'},
       'stores': [],
   }
   root = workdir or tempfile.mkdtemp(prefix='csarm_loader_bench_')
@@ -214,7 +220,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('num_controls', 128, 'control images per context (K)')
   flags.DEFINE_integer('contexts_per_batch', 8, 'contexts per batch (C)')
   flags.DEFINE_integer('crop_size', 256, 'random crop size')
-  flags.DEFINE_integer('num_batches', 6, 'timed batches per store (after one warm-up batch)')
+  flags.DEFINE_integer('num_batches', 6,
+                       'timed batches per store (after WARMUP_BATCHES untimed ones)')
   flags.DEFINE_integer('num_threads', 2, 'grain reader threads (batches prepared at once)')
   flags.DEFINE_string('workdir', None, 'where to build the stores (default: a temporary directory)')
   flags.DEFINE_bool('keep_stores', False, 'keep the stores after the run')
