@@ -24,11 +24,11 @@ threads finish in does not matter, an iterator state is just the next batch numb
 ``process_count`` P each process builds contexts p*C/P ... (p+1)*C/P - 1 of every global batch: the
 union over processes is the single-process batch, and a state restores under any P.
 
-Each grain element is one process-local batch, read in one tensorstore call that copies out only the
-crops (``read_windows``); grain's threads (``num_threads``) prepare several batches at once and keep
-``prefetch_buffer_size`` finished ones ready. Image memory is recycled (``buffers.BufferPool``): a
-batch's buffer is reused once nothing references the batch any more. Resident memory is about
-(threads + buffer + 2) batches.
+Each grain element is one process-local batch, whose crops tensorstore reads concurrently, copying
+out only the crops (``read_windows``); grain's threads (``num_threads``) prepare several batches at
+once and keep ``prefetch_buffer_size`` finished ones ready. Image memory is recycled
+(``buffers.BufferPool``): a batch's buffer is reused once nothing references the batch any more.
+Resident memory is about (threads + buffer + 2) batches.
 """
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ _ENDLESS = 2 ** 60            # the batches of an "endless" iterator
 
 def read_windows(store, rows: np.ndarray, windows: augment.Windows,
                  out: np.ndarray | None = None) -> np.ndarray:
-  """Crops of the images at ``rows`` in one tensorstore read: each a view of the array (window,
-  flips), stacked, so tensorstore fetches them concurrently and copies out only the crops; into
-  ``out`` (M, size, size, C) if given (e.g. a ``buffers.BufferPool`` buffer), else new memory."""
+  """Crops of the images at ``rows``: each a view of the array (window, flips), all fetched
+  concurrently by tensorstore, which copies out only the crops -- into ``out`` (M, size, size, C)
+  if given (e.g. a ``buffers.BufferPool`` buffer), else into new memory."""
   s = windows.size
   shape = (len(rows), s, s, store.item_shape[-1])
   if out is not None and (out.shape != shape or out.dtype != store.array.dtype.numpy_dtype):
