@@ -163,6 +163,9 @@ def test_nan_loss_stops_with_a_saved_checkpoint(store_path, tmp_path):
     ('data.num_controls', 0, 'config.data.num_controls: cs_arm_bn trains on contexts'),
     ('eval.num_controls', 0, 'config.eval.num_controls: cs_arm_bn normalises'),
     ('data.too_few', 'repeat', "config.data.too_few: must be one of"),
+    ('data.num_threads', 0, 'config.data.num_threads: num_threads must be >= 1'),
+    ('data.num_threads', 8, 'config.data.prefetch: 4 batches read ahead would let grain run only '
+                            '4 of data.num_threads=8'),
     ('train.eval_every_epochs', 0, 'config.train.eval_every_epochs: must be >= 1'),
 ])
 def test_bad_configs_fail_at_start_naming_the_field(store_path, tmp_path, field, value, message):

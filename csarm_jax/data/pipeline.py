@@ -26,9 +26,9 @@ union over processes is the single-process batch, and a state restores under any
 
 Each grain element is one process-local batch, whose crops tensorstore reads concurrently, copying
 out only the crops (``read_windows``); grain's threads (``num_threads``) prepare several batches at
-once and keep ``prefetch_buffer_size`` finished ones ready. Image memory is recycled
-(``buffers.BufferPool``): a batch's buffer is reused once nothing references the batch any more.
-Resident memory is about (threads + buffer + 2) batches.
+once, up to ``prefetch_buffer_size`` (default: one per thread) being read or ready. Image memory is
+recycled (``buffers.BufferPool``): a batch's buffer is reused once nothing references the batch
+any more. Resident memory is about (prefetch_buffer_size + 2) batches.
 """
 from __future__ import annotations
 
@@ -175,6 +175,12 @@ def _local_batches(contexts_of: Callable[[list[int]], Batch], start: int, stop: 
   return grain.MapDataset.range(start, stop).map(local_batch).to_iter_dataset(options)
 
 
+def _read_ahead(num_threads: int, prefetch_buffer_size: int | None) -> int:
+  """Batches grain keeps in flight (being read or ready); None: one per thread, as grain runs
+  at most this many threads."""
+  return num_threads if prefetch_buffer_size is None else prefetch_buffer_size
+
+
 def _batch_pool(num_threads: int, prefetch_buffer_size: int) -> BufferPool:
   """Image memory for the batches in flight: being read (threads), ready (prefetch buffer) and
   held by the consumer (the current batch, and the previous one while the device copies it)."""
@@ -205,7 +211,7 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                      crop_size: int | None = 256, flips: bool = True, mode: str = 'plate',
                      too_few: str = 'replace', seed: int = 0, num_batches: int | None = None,
                      process_index: int = 0, process_count: int = 1, skip_bad: bool = False,
-                     num_threads: int = 2, prefetch_buffer_size: int = 2) -> Batches:
+                     num_threads: int = 2, prefetch_buffer_size: int | None = None) -> Batches:
   """Endless (or ``num_batches``) training batches of C = ``contexts_per_batch`` contexts.
 
   mode 'plate': each context is one uniformly drawn plate's N perturbed + K controls (K = 0:
@@ -232,6 +238,7 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   report = _log_report('training', index, too_few_plates, too_few,
                        num_perturbed_images=int(sum(len(r) for r in index.perturbed)))
 
+  prefetch_buffer_size = _read_ahead(num_threads, prefetch_buffer_size)
   pool = _batch_pool(num_threads, prefetch_buffer_size)
 
   def contexts_of(indices: list[int]) -> Batch:
@@ -255,7 +262,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                        max_images_per_plate: int | None = None,
                        require_labels: bool = True, process_index: int = 0,
                        process_count: int = 1, skip_bad: bool = False, num_threads: int = 2,
-                       prefetch_buffer_size: int = 2) -> Batches:
+                       prefetch_buffer_size: int | None = None) -> Batches:
   """Evaluation batches over ``plates``: centre crops, the last batch padded with fully-masked
   contexts. Default: ``contexts.evaluation_contexts`` (every perturbed image exactly once);
   ``label_shift_alpha`` given: ``contexts.label_shift_contexts``. ``require_labels=False`` admits
@@ -289,6 +296,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                   contexts_per_plate=contexts_per_plate, too_few=too_few,
                   max_images_per_plate=max_images_per_plate,
                   plates=list(index.plates))
+  prefetch_buffer_size = _read_ahead(num_threads, prefetch_buffer_size)
   pool = _batch_pool(num_threads, prefetch_buffer_size)
   contexts_of = lambda indices: read_contexts(store, [contexts[g] for g in indices], crop_size,
                                               pool=pool)

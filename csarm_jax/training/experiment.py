@@ -74,6 +74,13 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
                 'train.eval_every_epochs', 'train.patience'):
     section, key = field.split('.')
     _require(config[section][key] >= 1, field, f'must be >= 1, got {config[section][key]}')
+  _require(config.data.num_threads >= 1 and config.data.prefetch >= 0, 'data.num_threads',
+           f'num_threads must be >= 1 and prefetch >= 0, got {config.data.num_threads} and '
+           f'{config.data.prefetch}')
+  _require(config.data.prefetch == 0 or config.data.prefetch >= config.data.num_threads,
+           'data.prefetch', f'{config.data.prefetch} batches read ahead would let grain run only '
+           f'{config.data.prefetch} of data.num_threads={config.data.num_threads} threads; set '
+           f'prefetch >= num_threads (or 0 to read in the training thread)')
   _require(config.data.too_few in TOO_FEW, 'data.too_few',
            f'must be one of {TOO_FEW}, got {config.data.too_few!r}')
   method = methods.get(config.method)

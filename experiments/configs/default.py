@@ -31,8 +31,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       'contexts_per_step': 8,       # contexts per optimizer update (a multiple of the devices)
       'too_few': 'replace',         # plates with too few images: sample with replacement (reported)
       'norm_max_images': config_dict.placeholder(int),   # cap the normalisation pass (None: all)
-      'num_threads': 4,
-      'prefetch': 2,
+      'num_threads': 4,             # grain threads, each reading one batch (itself concurrent)
+      'prefetch': 4,                # batches read ahead (>= num_threads: grain runs at most this
+                                    # many threads; 0: read in the training thread)
   })
 
   c.split = ml_collections.ConfigDict({
