@@ -5,11 +5,10 @@ r"""Conversion throughput on synthetic full-size JUMP TIFFs (1080x1080 uint16, O
 Writes a temporary mirror (5 TIFFs of ~2.3 MB per site), indexes it, then converts it once per store
 codec and worker count into a fresh store (uint8, x0.5, 99.99 % clip, crop = 540). Prints JSON:
 host, shapes, the time of one site in-process (TIFF reads vs image math), and per codec and worker
-count the wall time of the whole
-conversion with sites/s overall and per worker, with and without the worker start-up (spawned
-processes import csarm_jax, hence jax: measured separately), and the CPU seconds per site (user +
-system, workers included), which a shared host's load does not inflate. The TIFFs are in the page
-cache when read, so the figures exclude disk/network reads.
+count the wall time of the whole conversion with sites/s overall and per worker, with and without
+the worker start-up (spawned processes import csarm_jax, hence jax: measured separately), and the
+CPU seconds per site (user + system, workers included), which a shared host's load does not
+inflate. The TIFFs are in the page cache when read, so the figures exclude disk/network reads.
 """
 from __future__ import annotations
 

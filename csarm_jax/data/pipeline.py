@@ -181,10 +181,10 @@ def _read_ahead(num_threads: int, prefetch_buffer_size: int | None) -> int:
   return num_threads if prefetch_buffer_size is None else prefetch_buffer_size
 
 
-def _batch_pool(num_threads: int, prefetch_buffer_size: int) -> BufferPool:
-  """Image memory for the batches in flight: being read (threads), ready (prefetch buffer) and
-  held by the consumer (the current batch, and the previous one while the device copies it)."""
-  return BufferPool(num_threads + prefetch_buffer_size + 2)
+def _batch_pool(prefetch_buffer_size: int) -> BufferPool:
+  """Image memory for the batches in flight: being read or ready (the prefetch buffer) and held
+  by the consumer (the current batch, and the previous one while the device copies it)."""
+  return BufferPool(prefetch_buffer_size + 2)
 
 
 def _log_report(what: str, index: PlateIndex, too_few: dict[str, dict] | None = None,
@@ -239,7 +239,7 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                        num_perturbed_images=int(sum(len(r) for r in index.perturbed)))
 
   prefetch_buffer_size = _read_ahead(num_threads, prefetch_buffer_size)
-  pool = _batch_pool(num_threads, prefetch_buffer_size)
+  pool = _batch_pool(prefetch_buffer_size)
 
   def contexts_of(indices: list[int]) -> Batch:
     rngs = [np.random.default_rng([seed, g]) for g in indices]
@@ -297,7 +297,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                   max_images_per_plate=max_images_per_plate,
                   plates=list(index.plates))
   prefetch_buffer_size = _read_ahead(num_threads, prefetch_buffer_size)
-  pool = _batch_pool(num_threads, prefetch_buffer_size)
+  pool = _batch_pool(prefetch_buffer_size)
   contexts_of = lambda indices: read_contexts(store, [contexts[g] for g in indices], crop_size,
                                               pool=pool)
   build = lambda start: _local_batches(contexts_of, start, num_batches, contexts_per_batch,

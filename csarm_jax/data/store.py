@@ -40,10 +40,10 @@ MANIFEST_KEYS = ('format_version', 'kind', 'channels', 'dtype', 'item_shape', 'n
                  'control_id', 'created_by', 'num_unused_rows')
 DTYPES = {'images': ('uint8', 'uint16'), 'features': ('float32',)}
 # Store codecs, all blosc with bitshuffle (on cell images the bit planes above the noise compress
-# well; ``codecs`` sets the element size). On 540-px microscopy-like content (BENCHMARKS.md) 'lz4hc' is the smallest, decodes as fast
-# as 'lz4' and 20-40 % faster than 'zstd', and encodes ~2x slower than 'zstd'; 'zstd' may be
-# smaller on smoother content (experiments/benchmark_codecs.py compares them on a store of yours).
-# 'none' reads fastest.
+# well; ``codecs`` sets the element size). On 540-px microscopy-like content (BENCHMARKS.md)
+# 'lz4hc' is the smallest, decodes as fast as 'lz4' and 20-40 % faster than 'zstd', and encodes
+# ~2x slower than 'zstd'; 'zstd' may be smaller on smoother content
+# (experiments/benchmark_codecs.py compares them on a store of yours). 'none' reads fastest.
 COMPRESSIONS = {
     'lz4hc': [{'name': 'blosc', 'configuration': {'cname': 'lz4hc', 'clevel': 5,
                                                   'shuffle': 'bitshuffle'}}],
