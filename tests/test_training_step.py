@@ -1,5 +1,9 @@
-"""The shared training step: oracle loss/gradients, per-context statistics, sharding invariance."""
+"""The shared training step: oracle loss/gradients, per-context statistics, sharding invariance;
+the training state and its checkpoints."""
+from typing import Any
+
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +11,11 @@ import optax
 import pytest
 
 import csarm_jax as cj
-from csarm_jax import methods, parallel
+from csarm_jax import methods, models, parallel
 from csarm_jax.evaluation.step import make_eval_step
 from csarm_jax.nn import RUNNING_STATS
+from csarm_jax.training import checkpoint
+from csarm_jax.training.state import TrainState, abstract_state
 from step_fixture import make, make_batch, preprocess, run_steps
 
 
@@ -102,3 +108,36 @@ def test_bfloat16_step_keeps_float32_parameters_and_tracks_the_float32_step():
 def test_contexts_must_divide_across_devices():
   with pytest.raises(ValueError, match='contexts_per_step=6 must be a multiple'):
     parallel.check_contexts_divide(6, parallel.make_mesh())
+
+
+def test_fresh_state_initialises_from_the_first_half_of_the_split_key():
+  # The draws a run starts from: the key's first half initialises the model (the second was once
+  # stored as TrainState.rng and never read), so dropping that field changed no parameter.
+  model, tx, state, _ = make(seed=3)
+  expected = models.init_variables(model, jax.random.split(jax.random.key(3))[0],
+                                      jnp.zeros((2, 8, 8, 5)))
+  chex.assert_trees_all_equal(state.params, expected['params'])
+
+
+@flax.struct.dataclass
+class _StateWithRng:            # the TrainState of checkpoints written before rng was dropped
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def test_checkpoint_with_the_dropped_rng_field_restores(tmp_path):
+  model, tx, state, _ = make()
+  old = _StateWithRng(state.step + 5, state.params, state.batch_stats, state.opt_state,
+                      jnp.arange(2, dtype=jnp.uint32))
+  ckpt = checkpoint.Checkpoints(str(tmp_path))
+  ckpt.save(checkpoint.LATEST, 5, old, {'next_batch': 5}, {'epoch': 1}, {})
+  ckpt.wait()
+  target = abstract_state(model, tx, jnp.zeros((2, 8, 8, 5)),
+                          jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  restored, data, meta = ckpt.restore(checkpoint.LATEST, target)
+  ckpt.close()
+  assert isinstance(restored, TrainState) and (data, meta) == ({'next_batch': 5}, {'epoch': 1})
+  chex.assert_trees_all_equal(restored, state.replace(step=state.step + 5))

@@ -2,19 +2,22 @@
 (the state that produced a NaN/inf loss, for post-mortems; never resumed from).
 
 Each checkpoint holds four items: ``state`` (the TrainState pytree: parameters, running BN averages,
-optimizer state, step, and an RNG key reserved for methods that draw randomness on device -- the
-current ones do not), ``data`` (the training iterator's state), ``meta`` (loop bookkeeping --
+optimizer state, step), ``data`` (the training iterator's state), ``meta`` (loop bookkeeping --
 epoch, early-stopping counters, history) and ``config`` (the run's config, a record: runs resume
 from the config they are given, and the loop logs the keys that changed since). Restores go through an
 abstract target carrying the *current* shardings, so a checkpoint written on 8 devices restores on
-1 (orbax otherwise refuses a topology change).
+1 (orbax otherwise refuses a topology change). A state saved with fields the TrainState no longer
+has (``rng``, dropped unread) restores too: those fields are read and discarded, with a warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 LATEST, BEST, DIVERGED = 'latest', 'best', 'diverged'
 
@@ -53,10 +56,23 @@ class Checkpoints:
     step = manager.latest_step() if step is None else step
     if step is None:
       return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+    restore = lambda target: manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['data'], restored['meta']
+    dropped = _dropped_fields(manager, step, abstract_state)
+    if not dropped:
+      restored = restore(abstract_state)
+      return restored['state'], restored['data'], restored['meta']
+    logging.warning('%s checkpoint %d holds state fields this version dropped, ignored: %s',
+                    which, step, sorted(dropped))
+    names = [f.name for f in dataclasses.fields(abstract_state)]
+    sharding = jax.tree.leaves(abstract_state)[0].sharding
+    target = {**{n: getattr(abstract_state, n) for n in names},
+              **{k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                                 v) for k, v in dropped.items()}}
+    restored = restore(target)
+    state = type(abstract_state)(**{n: restored['state'][n] for n in names})
+    return state, restored['data'], restored['meta']
 
   def saved_config(self, which: str = LATEST) -> dict[str, Any] | None:
     """The config saved with the newest ``which`` checkpoint (None: none, or saved without one)."""
@@ -79,3 +95,14 @@ class Checkpoints:
   def close(self) -> None:
     for manager in self._managers.values():
       manager.close()
+
+
+def _dropped_fields(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> dict[str, Any]:
+  """Top-level fields of the saved state that the (dataclass) target lacks, with their metadata:
+  checkpoints written before a field was removed (TrainState.rng)."""
+  if not dataclasses.is_dataclass(abstract_state):
+    return {}
+  saved = manager.item_metadata(step)['state']
+  saved = getattr(saved, 'tree', saved)
+  names = {f.name for f in dataclasses.fields(abstract_state)}
+  return {k: v for k, v in saved.items() if k not in names} if isinstance(saved, dict) else {}

@@ -1,4 +1,4 @@
-"""The training state: one pytree of arrays (parameters, running BN averages, optimizer, step, RNG)."""
+"""The training state: one pytree of arrays (parameters, running BN averages, optimizer, step)."""
 from __future__ import annotations
 
 from typing import Any
@@ -18,7 +18,6 @@ class TrainState:
   params: Any
   batch_stats: Any                # running averages (used by ERM-style methods only)
   opt_state: Any
-  rng: jax.Array                  # raw uint32 key data, so checkpoints hold plain arrays
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -35,8 +34,8 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, example: 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                  example: jax.Array) -> TrainState:
   """A fresh state; ``example`` is one context's input (float, any batch size)."""
-  init_rng, state_rng = jax.random.split(rng)
+  # The second key was once kept as TrainState.rng (never read); splitting keeps the init draws.
+  init_rng, _ = jax.random.split(rng)
   variables = init_variables(model, init_rng, example)
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                    batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
-                    rng=jax.random.key_data(state_rng))
+                    batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']))
