@@ -18,7 +18,6 @@ import os
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -83,10 +82,8 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
   model = _build_model(spec)
   tx = make_optimizer(config, total_steps=1)             # the state's structure, not its values
-  crop = spec['crop_size']
-  example = (jnp.zeros((2, spec['model']['options']['in_features'])) if spec['store_kind'] == 'features'
-             else jnp.zeros((2, crop, crop, len(spec['channels']))))
-  target = abstract_state(model, tx, example, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  target = abstract_state(model, tx, models.example_input(model, spec['crop_size']),
+                          jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   ckpt = checkpoint.Checkpoints(workdir)
   try:
     fold = _read_json(os.path.join(workdir, FOLD))

@@ -3,15 +3,17 @@
 Contexts, not images, are split across devices: each device runs its share of a step's contexts
 under vmap, so BatchNorm statistics stay per context and are never pooled across devices. The
 state is replicated; XLA inserts the gradient all-reduce. Multi-host: every process feeds the
-contexts of its local devices and ``global_batch`` assembles the global array.
+contexts of its local devices (the pipeline builds each process's share) and ``global_batch``
+assembles the global array; run setup made once (``from_lead_process``) reaches every process.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = 'data'
@@ -36,13 +38,6 @@ def check_contexts_divide(num_contexts: int, mesh: Mesh, field: str = 'contexts_
                      f'({mesh.size}): contexts are split evenly across devices')
 
 
-def local_share(num_contexts: int, mesh: Mesh) -> slice:
-  """The contexts of a global step this process feeds (its devices' consecutive block)."""
-  per_process = num_contexts // jax.process_count()
-  start = jax.process_index() * per_process
-  return slice(start, start + per_process)
-
-
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's contexts (leading axis) into global arrays sharded over contexts."""
   sharding = context_sharded(mesh)
@@ -51,6 +46,34 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
+
+
+def from_lead_process(name: str, produce: Callable[[], str]) -> str:
+  """``produce()`` run on process 0 only; its text (or its failure) reaches every process.
+
+  A collective: every process calls it at the same point, whatever it sees on its own disk, so
+  none waits for a peer that skipped it; workdirs need not be shared between hosts. ``name`` says
+  what failed, on the other processes.
+  """
+  if jax.process_count() == 1:
+    return produce()
+  text, error = '', None
+  if jax.process_index() == 0:
+    try:
+      text = produce()
+    except Exception as e:       # re-raised below, after telling the other processes
+      error = e
+  payload = np.frombuffer(text.encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(
+      np.int64(-1 if error is not None else payload.size)))
+  if error is not None:
+    raise error
+  if size < 0:
+    raise RuntimeError(f'{name} failed on process 0 (see its log)')
+  if size == 0:
+    return ''
+  mine = payload if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine))).decode()
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None,

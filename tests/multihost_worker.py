@@ -16,16 +16,15 @@ from csarm_jax import parallel  # noqa: E402
 def _check_lead_process_values():
   """Run setup made on process 0 reaches every process, and so does its failure (no hang)."""
   import jax
-  from csarm_jax.training import experiment
   me = jax.process_index()
-  assert experiment._from_lead_process('text', lambda: f'made by process {me} é') == \
+  assert parallel.from_lead_process('text', lambda: f'made by process {me} é') == \
       'made by process 0 é'
-  assert experiment._from_lead_process('empty', lambda: '') == ''
+  assert parallel.from_lead_process('empty', lambda: '') == ''
 
   def fail():
     raise ValueError('boom')
   try:
-    experiment._from_lead_process('failing', fail)
+    parallel.from_lead_process('failing', fail)
   except (ValueError, RuntimeError) as e:
     expected = 'boom' if me == 0 else 'failing failed on process 0'
     assert expected in str(e), e
@@ -41,8 +40,10 @@ def main(process_id, num_processes, port, out):
 
   mesh = parallel.make_mesh()
   assert jax.process_count() == num_processes and mesh.size == 2 * num_processes
-  # Each process feeds only its own share of every global batch.
-  share = lambda b: {k: v[parallel.local_share(8, mesh)] for k, v in b.items()}
+  # Each process feeds only its own share of every global batch: a consecutive block, as the
+  # pipeline builds it.
+  local = 8 // num_processes
+  share = lambda b: {k: v[process_id * local:(process_id + 1) * local] for k, v in b.items()}
   batches = [share(make_batch(num_contexts=8, seed=s)) for s in range(2)]
   state, metrics = run_steps('cs_arm_bn', mesh, batches)
   _check_lead_process_values()

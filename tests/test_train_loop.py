@@ -8,6 +8,7 @@ import chex
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pandas as pd
 import pytest
 
@@ -167,6 +168,8 @@ def test_nan_loss_stops_with_a_saved_checkpoint(store_path, tmp_path):
     ('data.num_threads', 8, 'config.data.prefetch: 4 batches read ahead would let grain run only '
                             '4 of data.num_threads=8'),
     ('train.eval_every_epochs', 0, 'config.train.eval_every_epochs: must be >= 1'),
+    ('optimizer.name', 'lamb', "config.optimizer.name: unknown optimizer 'lamb'"),
+    ('optimizer.schedule', 'step', "config.optimizer.schedule: unknown schedule 'step'"),
 ])
 def test_bad_configs_fail_at_start_naming_the_field(store_path, tmp_path, field, value, message):
   config = tiny_config(store_path)
@@ -174,6 +177,36 @@ def test_bad_configs_fail_at_start_naming_the_field(store_path, tmp_path, field,
   (config[section] if section else config)[key] = value
   with pytest.raises(experiment.ConfigError, match=message):
     loop.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize('name, weight_decay, expected', [
+    ('adam', 0.0, optax.adam(0.1)),
+    ('adam', 0.5, optax.chain(optax.add_decayed_weights(0.5), optax.adam(0.1))),
+    ('adamw', 0.5, optax.adamw(0.1, weight_decay=0.5)),
+    ('sgd', 0.0, optax.sgd(0.1, momentum=0.9)),
+])
+def test_optimizer_names_build_their_optax_transformation(name, weight_decay, expected):
+  config = tiny_config('unused')
+  config.optimizer.update(name=name, weight_decay=weight_decay, learning_rate=0.1)
+  tx = experiment.make_optimizer(config, total_steps=10)
+  params, grads = {'w': np.array([1.0, -2.0], np.float32)}, {'w': np.array([0.5, 0.25], np.float32)}
+  updates = []
+  for t in (tx, expected):
+    state, p = t.init(params), params
+    for _ in range(2):
+      u, state = t.update(grads, state, p)
+      p = optax.apply_updates(p, u)
+    updates.append(p)
+  chex.assert_trees_all_equal(*updates)
+
+
+def test_an_unknown_optimizer_is_rejected_not_replaced():
+  # make_optimizer is also called without check_config (export rebuilds a run's optimizer)
+  config = tiny_config('unused')
+  config.optimizer.name = 'lamb'
+  with pytest.raises(experiment.ConfigError, match="config.optimizer.name: unknown optimizer "
+                                                   r"'lamb'; choose one of \['adam', 'adamw', 'sgd'\]"):
+    experiment.make_optimizer(config, total_steps=10)
 
 
 def test_export_and_ensemble_prediction_match_evaluation(finished, tmp_path):

@@ -37,6 +37,14 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     raise ValueError(f'bad options for model {name!r}: {e}') from None
 
 
+def example_input(model: nn.Module, crop_size: int | None) -> jnp.ndarray:
+  """Two items of the model's input (zeros; ``crop_size`` for image models): what initialises it
+  and shapes its state, in training and in an export."""
+  if model.input_rank == 2:
+    return jnp.zeros((2, model.in_channels), jnp.float32)
+  return jnp.zeros((2, crop_size, crop_size, model.in_channels), jnp.float32)
+
+
 def init_variables(model: nn.Module, rng, example) -> dict[str, Any]:
   """``{'params', 'batch_stats'}`` for ``model`` from an example input (its batch size is free)."""
   import jax

@@ -11,13 +11,10 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 import flax.linen as nn
 import ml_collections
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from csarm_jax import methods, models
@@ -51,10 +48,7 @@ class Experiment:
 
   @property
   def example_input(self) -> jax.Array:
-    crop = self.config.data.crop_size
-    if self.store.kind == 'features':
-      return jnp.zeros((2, self.store.item_shape[0]), jnp.float32)
-    return jnp.zeros((2, crop, crop, self.store.item_shape[-1]), jnp.float32)
+    return models.example_input(self.model, self.config.data.crop_size)
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -91,54 +85,44 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
   if method.eval_controls:
     _require(config.eval.num_controls >= 1, 'eval.num_controls',
              f'{method.name} normalises test contexts with the plate\'s controls: K must be >= 1')
-  _require(config.optimizer.name in ('adam', 'adamw', 'sgd'), 'optimizer.name',
-           f'unknown optimizer {config.optimizer.name!r}; choose adam, adamw or sgd')
-  _require(config.optimizer.schedule in ('constant', 'cosine'), 'optimizer.schedule',
-           f'unknown schedule {config.optimizer.schedule!r}; choose constant or cosine')
+  _check_optimizer(config.optimizer)
   return method
 
 
+def _adam(lr: Any, o: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam; a weight decay is added to the gradient (L2), unlike AdamW's decoupled decay."""
+  if not o.weight_decay:
+    return optax.adam(lr)
+  return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(lr))
+
+
+# config.optimizer.name -> its optax transformation of (learning rate or schedule, config.optimizer)
+OPTIMIZERS: dict[str, Callable[[Any, ml_collections.ConfigDict], optax.GradientTransformation]] = {
+    'adam': _adam,
+    'adamw': lambda lr, o: optax.adamw(lr, weight_decay=o.weight_decay),
+    'sgd': lambda lr, o: optax.sgd(lr, momentum=0.9),
+}
+SCHEDULES = ('constant', 'cosine')
+
+
+def _check_optimizer(o: ml_collections.ConfigDict) -> None:
+  _require(o.name in OPTIMIZERS, 'optimizer.name',
+           f'unknown optimizer {o.name!r}; choose one of {sorted(OPTIMIZERS)}')
+  _require(o.schedule in SCHEDULES, 'optimizer.schedule',
+           f'unknown schedule {o.schedule!r}; choose one of {list(SCHEDULES)}')
+
+
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """``config.optimizer``'s transformation; raises ConfigError on an unknown name or schedule."""
   o = config.optimizer
+  _check_optimizer(o)
   lr: Any = o.learning_rate
   if o.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, max(total_steps, 1),
                                             end_value=o.learning_rate * 1e-3)
   elif o.warmup_steps:
     lr = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
-  if o.name == 'adam':
-    return optax.adam(lr) if not o.weight_decay else optax.chain(
-        optax.add_decayed_weights(o.weight_decay), optax.adam(lr))
-  if o.name == 'adamw':
-    return optax.adamw(lr, weight_decay=o.weight_decay)
-  return optax.sgd(lr, momentum=0.9)
-
-
-def _from_lead_process(name: str, produce: Callable[[], str]) -> str:
-  """``produce()`` run on process 0 only; its text (or its failure) reaches every process.
-
-  A collective: every process calls it at the same point, whatever it sees on its own disk, so
-  none waits for a peer that skipped it; workdirs need not be shared between hosts.
-  """
-  if jax.process_count() == 1:
-    return produce()
-  text, error = '', None
-  if jax.process_index() == 0:
-    try:
-      text = produce()
-    except Exception as e:       # re-raised below, after telling the other processes
-      error = e
-  payload = np.frombuffer(text.encode(), np.uint8)
-  size = int(multihost_utils.broadcast_one_to_all(
-      np.int64(-1 if error is not None else payload.size)))
-  if error is not None:
-    raise error
-  if size < 0:
-    raise RuntimeError(f'{name} failed on process 0 (see its log)')
-  if size == 0:
-    return ''
-  mine = payload if jax.process_index() == 0 else np.zeros(size, np.uint8)
-  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine))).decode()
+  return OPTIMIZERS[o.name](lr, o)
 
 
 def make_run_folds(config: ml_collections.ConfigDict, store: ImageStore) -> list[splits.Fold]:
@@ -159,7 +143,7 @@ def open_run_store(config: ml_collections.ConfigDict) -> ImageStore:
     def build() -> str:   # multi-host: on process 0, so config.store must be a path all can read
       synthetic.ensure(config.store, config.synthetic.preset, seed=config.synthetic.seed)
       return ''
-    _from_lead_process('synthetic store', build)
+    parallel.from_lead_process('synthetic store', build)
   elif '://' not in config.store and not os.path.exists(config.store):
     raise ConfigError(f'config.store: {config.store!r} does not exist (give a store built by '
                       f'data_prep/make_synthetic.py or data_prep/jump_convert.py)')
@@ -185,7 +169,7 @@ def select_fold(config: ml_collections.ConfigDict, store: ImageStore, workdir: s
     else:
       fold.save(path)
     return ''
-  _from_lead_process('fold', save_or_check)
+  parallel.from_lead_process('fold', save_or_check)
   return fold
 
 
@@ -204,7 +188,7 @@ def fold_normalization(config: ml_collections.ConfigDict, store: ImageStore, fol
                                                seed=config.seed)
     norm.save(path)
     return norm.to_json()
-  return normalization.NormStats.from_json(_from_lead_process('normalization', load_or_compute))
+  return normalization.NormStats.from_json(parallel.from_lead_process('normalization', load_or_compute))
 
 
 def schedule_length(config: ml_collections.ConfigDict, store: ImageStore,
@@ -237,13 +221,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     except ValueError as e:
       raise ConfigError(f'config.{e}') from None
   norm = fold_normalization(config, store, fold, workdir)
-  options = dict(config.model.options)
-  if store.kind == 'features':
-    options['in_features'] = store.item_shape[0]
-  else:
-    options['in_channels'] = store.item_shape[-1]
   try:
-    model = models.create(config.model.name, len(store.class_ids), dtype=config.model.dtype, **options)
+    model = models.create(config.model.name, len(store.class_ids), dtype=config.model.dtype,
+                          **model_options(config, store))
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from None
   steps_per_epoch, total_steps = schedule_length(config, store, fold)
@@ -255,7 +235,7 @@ def model_spec(exp) -> dict[str, Any]:
   """What a run writes to ``workdir/model.json``: enough to rebuild its model and protocol."""
   c = exp.config
   return {'model': {'name': c.model.name, 'num_classes': len(exp.store.class_ids),
-                    'options': _model_options(exp.model, c), 'dtype': c.model.dtype},
+                    'options': model_options(c, exp.store), 'dtype': c.model.dtype},
           'method': exp.method.name, 'store_kind': exp.store.kind,
           'channels': exp.store.channels,
           'classes': [{'id': i, 'name': n} for i, n in zip(exp.store.class_ids, exp.store.class_names)],
@@ -264,8 +244,8 @@ def model_spec(exp) -> dict[str, Any]:
                    'seed': c.eval.seed, 'too_few': c.data.too_few}}
 
 
-def _model_options(model: nn.Module, config) -> dict[str, Any]:
-  options = dict(config.model.options)
-  key = 'in_features' if model.input_rank == 2 else 'in_channels'
-  options[key] = int(model.in_channels)
-  return options
+def model_options(config: ml_collections.ConfigDict, store: ImageStore) -> dict[str, Any]:
+  """The model's options: the config's, with its input size taken from the store (features per
+  item, or channels per image)."""
+  key = 'in_features' if store.kind == 'features' else 'in_channels'
+  return {**config.model.options, key: store.item_shape[-1]}

@@ -116,8 +116,8 @@ def train(exp: experiment.Experiment, workdir: str,
     logging.info('resumed from step %d (epoch %d)', int(state.step), meta['epoch'])
     _warn_changed_config(ckpt.saved_config(), config_record)
   else:
-    state = jax.device_put(create_state(exp.model, exp.tx, jax.random.key(c.seed),
-                                        exp.example_input), repl)
+    state = parallel.replicate(create_state(exp.model, exp.tx, jax.random.key(c.seed),
+                                            exp.example_input), exp.mesh)
 
   step_fn = compile_train_step(make_train_step(exp.model, exp.method, exp.tx, exp.preprocess),
                                exp.mesh)
