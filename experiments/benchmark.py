@@ -192,7 +192,7 @@ def train_benchmark() -> dict[str, Any]:
         store, sorted(store.table['Metadata_Plate'].unique()), num_perturbed=_PERTURBED.value,
         num_controls=_controls(method),
         contexts_per_batch=_CONTEXTS.value, crop_size=_IMAGE_SIZE.value,
-        mode=method.train_sampling, num_threads=_THREADS.value)
+        sampling=method.train_sampling, num_threads=_THREADS.value)
     wait, total = [], []
     for i in range(_STEPS.value + 1):
       start = time.perf_counter()

@@ -119,13 +119,13 @@ def test_training_batches_follow_the_contract(written):
 def test_mixed_and_feature_batches(tmp_path):
   table, items = write_store(tmp_path, item_shape=(7,), dtype='float32')
   store = data.open_store(str(tmp_path))
-  batch = next(data.training_batches(store, sorted(set(table['Metadata_Plate'])), mode='mixed',
+  batch = next(data.training_batches(store, sorted(set(table['Metadata_Plate'])), sampling='mixed',
                                      **dict(KW, num_controls=0)))
   assert batch['images'].shape == (4, 6, 7) and batch['images'].dtype == np.float32
   np.testing.assert_array_equal(batch['images'], items[batch['rows']])
   assert (batch['plate'] == -1).all() and not batch['is_control'].any()
-  with pytest.raises(ValueError, match="mode 'mixed' draws no controls"):
-    data.training_batches(store, ['source_1_B0_P0'], mode='mixed', **KW)
+  with pytest.raises(ValueError, match="sampling 'mixed' draws no controls"):
+    data.training_batches(store, ['source_1_B0_P0'], sampling='mixed', **KW)
 
 
 def _take(it, n):

@@ -227,18 +227,17 @@ def evaluation_contexts(index: PlateIndex, num_perturbed: int, num_controls: int
 
 
 def label_shift_contexts(index: PlateIndex, num_perturbed: int, num_controls: int, alpha: float,
-                         seed: int, num_classes: int, contexts_per_plate: int | None = None,
-                         too_few: str = 'replace') -> list[Context]:
+                         seed: int, num_classes: int, too_few: str = 'replace') -> list[Context]:
   """Contexts whose class mix is skewed by a Dirichlet(alpha) draw (as the reference's
   LabelShiftGroupBatchSampler).
 
   Per plate: proportions q ~ Dirichlet(alpha * 1) over the ``num_classes`` classes and counts
-  c ~ Multinomial(N, q); context j (of ``contexts_per_plate``, default ``num_classes``) asks for
-  roll(c, j)[k] images of class k, so each class takes each share once over the plate's first
-  ``num_classes`` contexts. A class with fewer images on the plate than asked for gives all it
-  has (the context is padded: it holds fewer than N perturbed images). Images are drawn without
-  replacement within a context, independently across contexts; K fresh controls are added as in
-  ``evaluation_contexts``. Small alpha: near single-class contexts; large alpha: near balanced.
+  c ~ Multinomial(N, q); context j of the plate's ``num_classes`` contexts asks for roll(c, j)[k]
+  images of class k, so each class takes each share once. A class with fewer images on the plate
+  than asked for gives all it has (the context is padded: it holds fewer than N perturbed images).
+  Images are drawn without replacement within a context, independently across contexts; K fresh
+  controls are added as in ``evaluation_contexts``. Small alpha: near single-class contexts; large
+  alpha: near balanced.
   """
   if alpha <= 0:
     raise ContextError(f'alpha must be > 0, got {alpha}')
@@ -251,7 +250,7 @@ def label_shift_contexts(index: PlateIndex, num_perturbed: int, num_controls: in
     rng = plate_rng(seed, plate)
     counts = rng.multinomial(num_perturbed, rng.dirichlet(np.full(num_classes, float(alpha))))
     by_class = [np.flatnonzero(labels == k) for k in range(num_classes)]
-    for j in range(contexts_per_plate or num_classes):
+    for j in range(num_classes):
       wanted = np.roll(counts, j)
       take = np.concatenate([pool[rng.choice(len(pool), min(w, len(pool)), replace=False)]
                              for pool, w in zip(by_class, wanted)]).astype(np.int64)

@@ -47,7 +47,7 @@ from csarm_jax.data import contexts as ctx_lib
 from csarm_jax.data.contexts import Context, PlateIndex
 
 Batch = dict[str, np.ndarray]
-MODES = ('plate', 'mixed')
+SAMPLINGS = ('plate', 'mixed')   # how training contexts are drawn (Method.train_sampling)
 _ENDLESS = 2 ** 60            # the batches of an "endless" iterator
 
 
@@ -208,27 +208,27 @@ def _log_report(what: str, index: PlateIndex, too_few: dict[str, dict] | None = 
 
 def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                      num_controls: int = 128, contexts_per_batch: int = 8,
-                     crop_size: int | None = 256, flips: bool = True, mode: str = 'plate',
+                     crop_size: int | None = 256, flips: bool = True, sampling: str = 'plate',
                      too_few: str = 'replace', seed: int = 0, num_batches: int | None = None,
                      process_index: int = 0, process_count: int = 1, skip_bad: bool = False,
                      num_threads: int = 2, prefetch_buffer_size: int | None = None) -> Batches:
   """Endless (or ``num_batches``) training batches of C = ``contexts_per_batch`` contexts.
 
-  mode 'plate': each context is one uniformly drawn plate's N perturbed + K controls (K = 0:
+  sampling 'plate': each context is one uniformly drawn plate's N perturbed + K controls (K = 0:
   ARM-BN); 'mixed' (ERM/AdaBN): N labelled images from any training plates, no controls (K must be
   0). See ``contexts`` for sampling and bad-input rules.
   """
   _check_sharding(contexts_per_batch, process_index, process_count)
   ctx_lib.check_too_few(too_few)           # at start, not when a short plate is first drawn
-  if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-  if mode == 'mixed' and num_controls:
-    raise ValueError(f"mode 'mixed' draws no controls: set num_controls=0 (got {num_controls})")
+  if sampling not in SAMPLINGS:
+    raise ValueError(f'sampling must be one of {SAMPLINGS}, got {sampling!r}')
+  if sampling == 'mixed' and num_controls:
+    raise ValueError(f"sampling 'mixed' draws no controls: set num_controls=0 (got {num_controls})")
   if num_perturbed < 1:
     raise ValueError(f'num_perturbed must be >= 1, got {num_perturbed}')
   index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids),
                                require_controls=num_controls > 0, skip_bad=skip_bad, part='train')
-  if mode == 'plate':
+  if sampling == 'plate':
     too_few_plates = ctx_lib.too_few_report(index, num_perturbed, num_controls)
     sample = lambda rng: ctx_lib.training_context(index, rng, num_perturbed, num_controls, too_few)
   else:
@@ -245,7 +245,8 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
     rngs = [np.random.default_rng([seed, g]) for g in indices]
     return read_contexts(store, [sample(rng) for rng in rngs], crop_size, rngs, flips, pool)
 
-  settings = dict(what='training', mode=mode, N=num_perturbed, K=num_controls,
+  # The key stays 'mode' so that iterator states saved before the rename still match.
+  settings = dict(what='training', mode=sampling, N=num_perturbed, K=num_controls,
                   C=contexts_per_batch, crop=crop_size, flips=flips, too_few=too_few, seed=seed,
                   plates=list(index.plates))
   stop = num_batches if num_batches is not None else _ENDLESS
@@ -258,7 +259,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                        num_controls: int = 128, contexts_per_batch: int = 8,
                        crop_size: int | None = 256, seed: int = 1234,
                        chunking: str = 'consecutive', label_shift_alpha: float | None = None,
-                       contexts_per_plate: int | None = None, too_few: str = 'replace',
+                       too_few: str = 'replace',
                        max_images_per_plate: int | None = None,
                        require_labels: bool = True, process_index: int = 0,
                        process_count: int = 1, skip_bad: bool = False, num_threads: int = 2,
@@ -277,7 +278,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                                            too_few, max_images_per_plate)
   else:
     contexts = ctx_lib.label_shift_contexts(index, num_perturbed, num_controls, label_shift_alpha,
-                                            seed, len(store.class_ids), contexts_per_plate, too_few)
+                                            seed, len(store.class_ids), too_few)
   counts = {'num_contexts': len(contexts), 'perturbed_images': sum(len(p) for p in index.perturbed)}
   if label_shift_alpha is None:   # each image at most once (label-shift contexts may repeat them)
     counts['perturbed_images_served'] = sum(int(((c.rows >= 0) & ~c.is_control).sum())
@@ -293,7 +294,7 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
       num_batches * contexts_per_batch - len(contexts))
   settings = dict(what='evaluation', N=num_perturbed, K=num_controls, C=contexts_per_batch,
                   crop=crop_size, seed=seed, chunking=chunking, alpha=label_shift_alpha,
-                  contexts_per_plate=contexts_per_plate, too_few=too_few,
+                  too_few=too_few,
                   max_images_per_plate=max_images_per_plate,
                   plates=list(index.plates))
   prefetch_buffer_size = _read_ahead(num_threads, prefetch_buffer_size)

@@ -80,7 +80,7 @@ def _train_batches(exp: experiment.Experiment):
       num_controls=c.data.num_controls if m.train_controls else 0,
       contexts_per_batch=c.data.contexts_per_step,
       crop_size=c.data.crop_size if exp.store.kind == 'images' else None, flips=c.data.flips,
-      mode=m.train_sampling, too_few=c.data.too_few, seed=c.seed,
+      sampling=m.train_sampling, too_few=c.data.too_few, seed=c.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=c.data.num_threads, prefetch_buffer_size=c.data.prefetch)
 
