@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from csarm_jax.data import store as store_lib
+from csarm_jax.data import store_writer
 from csarm_jax.data.jump import convert as convert_lib
 
 _DEFAULT = convert_lib.ConvertOptions()
@@ -28,7 +28,7 @@ flags.DEFINE_enum('dtype', _DEFAULT.dtype, ['uint8', 'uint16'], 'Stored pixel ty
 flags.DEFINE_bool('illum', _DEFAULT.illum, 'Divide by the plate\'s illumination functions.')
 flags.DEFINE_list('crop', [], 'Crop after downsampling: H,W or one side; empty: the smallest side.')
 flags.DEFINE_integer('shard_items', _DEFAULT.shard_items, 'Sites per shard (the unit of work).')
-flags.DEFINE_enum('compression', _DEFAULT.compression, list(store_lib.COMPRESSIONS),
+flags.DEFINE_enum('compression', _DEFAULT.compression, list(store_writer.COMPRESSIONS),
                   'Store codec (blosc + bitshuffle): lz4hc decodes fastest of the compressed ones; '
                   'zstd may be smaller on your content; none reads fastest (local SSD).')
 flags.DEFINE_integer('tile', _DEFAULT.tile, 'Side of the tiles an image is stored in (a '

@@ -24,7 +24,7 @@ from typing import Any
 from absl import app, flags
 
 from bench_common import host_info
-from csarm_jax.data.store import DEFAULT_COMPRESSION
+from csarm_jax.data.store_writer import DEFAULT_COMPRESSION
 
 _BENCH = flags.DEFINE_enum('bench', 'step', ['step', 'loader', 'train'], 'What to measure.')
 _MODEL = flags.DEFINE_string('model', 'resnet18', 'Model name (csarm_jax.models.names()).')

@@ -5,12 +5,13 @@ r"""Which store codec and tile to use: size and crop-read speed, on the benchmar
 
 Copies whole plates (at least ``--num_images`` images) of ``--source`` -- by default a fresh loader
 benchmark store of 540x540x5 uint8 cell-like images -- into one store per layout
-(``compression:tile``; tile 0: ``store.tile_side``), then reads training batches (``--contexts``
-contexts of N perturbed + K controls, random crops and flips: ``pipeline.read_contexts``, the
-pipeline's own read) from each layout in turn, ``--rounds`` times, alternating the order. Taking
-the layouts in turn within one process makes their figures comparable on a shared, noisy host,
-which separate benchmark runs are not. Prints JSON: host, per layout the compression ratio, encode
-and decode speed in images per CPU-second (user + system, all threads), median and per round.
+(``compression:tile``; tile 0: ``store_writer.tile_side``), then reads training batches
+(``--contexts`` contexts of N perturbed + K controls, random crops and flips:
+``pipeline.read_contexts``, the pipeline's own read) from each layout in turn, ``--rounds``
+times, alternating the order. Taking the layouts in turn within one process makes their figures
+comparable on a shared, noisy host, which separate benchmark runs are not. Prints JSON: host, per
+layout the compression ratio, encode and decode speed in images per CPU-second (user + system, all
+threads), median and per round.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import benchmark_loader
 from bench_common import disk_bytes, host_info
 from csarm_jax import data
 from csarm_jax.data import contexts as ctx_lib
-from csarm_jax.data import pipeline, store as store_lib
+from csarm_jax.data import pipeline, store_writer
 from csarm_jax.data.buffers import BufferPool
 
 flags.DEFINE_string('source', None, 'Store to sample (default: a loader benchmark store).')
@@ -54,16 +55,16 @@ def copy_plates(source: data.ImageStore, out: str, num_images: int, compression:
   plates = counts.index[:int(np.searchsorted(counts.cumsum().to_numpy(), num_images)) + 1]
   table = table[table['Metadata_Plate'].isin(plates)].reset_index(drop=True)
   rows, table['row'] = table['row'].to_numpy(), np.arange(len(table))
-  array = store_lib.create_array(out, len(table), source.item_shape, source.manifest['dtype'],
+  array = store_writer.create_array(out, len(table), source.item_shape, source.manifest['dtype'],
                                  compression=compression, tile=tile or None)
-  spent, step = 0.0, store_lib.shard_items_of(array)
+  spent, step = 0.0, store_writer.shard_items_of(array)
   for start in range(0, len(table), step):
     items = source.read(rows[start:start + step])
     before = _cpu()
     array[start:start + len(items)].write(items).result()
     spent += _cpu() - before
   manifest = {**source.manifest, 'num_items': len(table), 'num_unused_rows': 0}
-  store_lib.write_metadata(out, table, manifest)
+  store_writer.write_metadata(out, table, manifest)
   return len(table) / max(spent, 1e-9)
 
 

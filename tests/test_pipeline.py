@@ -71,16 +71,16 @@ def test_store_windows_equal_numpy_windows(tmp_path, compression, tile):
   for rng in (np.random.default_rng(3), None):
     windows = augment.crop_windows(len(rows), 20, 20, CROP, rng)
     expected = augment.apply_windows(items[rows], windows)
-    np.testing.assert_array_equal(data.read_windows(store, rows, windows), expected)
+    np.testing.assert_array_equal(store.read_crops(rows, windows), expected)
     out = np.full(expected.shape, 7, np.uint8)
-    assert data.read_windows(store, rows, windows, out) is out
+    assert store.read_crops(rows, windows, out) is out
     np.testing.assert_array_equal(out, expected)
   flipped = augment.Windows(np.array([1, 2]), np.array([3, 0]), np.array([True, False]),
                             np.array([True, True]), CROP)
-  np.testing.assert_array_equal(data.read_windows(store, rows[:2], flipped)[0],
+  np.testing.assert_array_equal(store.read_crops(rows[:2], flipped)[0],
                                 items[5, 1:17, 3:19][::-1, ::-1])
   with pytest.raises(ValueError, match=r'out is uint8 \(2, 16, 16, 5\), the crops are uint8 \(5'):
-    data.read_windows(store, rows, flipped, np.empty((2, CROP, CROP, 5), np.uint8))
+    store.read_crops(rows, flipped, np.empty((2, CROP, CROP, 5), np.uint8))
 
 
 def _check_batch(batch, store, items, c, m, train):

@@ -8,6 +8,7 @@ import pytest
 
 from csarm_jax import data
 from csarm_jax.data import store as store_lib
+from csarm_jax.data import store_writer
 from store_fixture import write_store
 
 
@@ -38,7 +39,7 @@ def test_file_url_and_pickle(written):
 def test_sharded_layout_one_file_per_shard(written):
   path, table, _ = written
   store = data.open_store(str(path))
-  assert store_lib.shard_items_of(store.array) == 16
+  assert store_writer.shard_items_of(store.array) == 16
   shard_files = list((path / store_lib.ARRAY_NAME / 'c').rglob('*'))
   assert len([f for f in shard_files if f.is_file()]) == -(-len(table) // 16)
 
@@ -50,14 +51,14 @@ def test_tile_side_known_answers():
   known = {16: 16, 20: 20, 50: 50, 64: 64, 192: 192, 200: 100, 201: 67, 256: 128, 270: 135,
            300: 100, 512: 128, 540: 180, 541: 541, 1000: 100, 1080: 180, 2 * 5 * 41: 82,
            4 * 47: 188, 2 * 193: 386, 3 * 5 * 7: 105}
-  assert {side: store_lib.tile_side(side, 5) for side in known} == known
+  assert {side: store_writer.tile_side(side, 5) for side in known} == known
   # 2 uint8 channels: 150² x 2 = 45,000 bytes is 22,500 byte pairs, not a multiple of 8.
-  assert store_lib.tile_side(300, 2) == 100 and store_lib.tile_side(300, 8) == 150
-  assert store_lib.tile_side(300, 2, dtype='uint16') == 150
-  assert [store_lib.blosc_typesize(d) for d in ('uint8', 'uint16', 'float32')] == [2, 2, 4]
-  assert store_lib.tile_side(512, 5, 64) == 64
+  assert store_writer.tile_side(300, 2) == 100 and store_writer.tile_side(300, 8) == 150
+  assert store_writer.tile_side(300, 2, dtype='uint16') == 150
+  assert [store_writer.blosc_typesize(d) for d in ('uint8', 'uint16', 'float32')] == [2, 2, 4]
+  assert store_writer.tile_side(512, 5, 64) == 64
   with pytest.raises(store_lib.StoreError, match='tile 100 must be a positive divisor of the image side 512'):
-    store_lib.tile_side(512, 5, 100)
+    store_writer.tile_side(512, 5, 100)
 
 
 def test_default_tiles_are_bitshuffled(tmp_path):
@@ -67,10 +68,11 @@ def test_default_tiles_are_bitshuffled(tmp_path):
   ramp = np.add.outer(np.arange(540), np.arange(540)) // 16
   images = (ramp[None, :, :, None] * 2 + rng.integers(0, 2, (2, 540, 540, 5))).astype(np.uint8)
   sizes = {}
-  default = store_lib.tile_side(540, 5)
+  default = store_writer.tile_side(540, 5)
   for tile in (default, 135):                              # 180: 162,000 elements; 135: 91,125
     path = str(tmp_path / str(tile))
-    store_lib.create_array(path, 2, (540, 540, 5), 'uint8', tile=tile)[...].write(images).result()
+    array = store_writer.create_array(path, 2, (540, 540, 5), 'uint8', tile=tile)
+    array[...].write(images).result()
     sizes[tile] = sum(f.stat().st_size for f in (tmp_path / str(tile)).rglob('*') if f.is_file())
     array = store_lib.open_array(path)
     np.testing.assert_array_equal(array.read().result(), images)
@@ -78,7 +80,7 @@ def test_default_tiles_are_bitshuffled(tmp_path):
     assert blosc['typesize'] == 2 and blosc['shuffle'] == 'bitshuffle', blosc
   assert default == 180 and sizes[default] * 2 < sizes[135], sizes
   with pytest.raises(store_lib.StoreError, match='tile 7'):
-    store_lib.create_array('/nonexistent/never/written', 4, (20, 20, 5), 'uint8', tile=7)
+    store_writer.create_array('/nonexistent/never/written', 4, (20, 20, 5), 'uint8', tile=7)
 
 
 def test_feature_store(tmp_path):

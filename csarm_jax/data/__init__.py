@@ -14,11 +14,11 @@ _NAMES = {
                                 'too_few_report', 'training_context', 'whole_plate_contexts'),
     'csarm_jax.data.normalization': ('NormStats', 'compute_normalization', 'normalize'),
     'csarm_jax.data.pipeline': ('Batches', 'context_chunks', 'evaluation_batches', 'read_contexts',
-                                'read_windows', 'training_batches', 'whole_plates'),
+                                'training_batches', 'whole_plates'),
     'csarm_jax.data.splits': ('Fold', 'SplitError', 'make_folds'),
-    'csarm_jax.data.store': ('COMPRESSIONS', 'DEFAULT_COMPRESSION', 'ImageStore', 'StoreError',
-                             'create_array', 'make_manifest', 'open_array', 'open_store',
-                             'write_metadata'),
+    'csarm_jax.data.store': ('ImageStore', 'StoreError', 'open_array', 'open_store'),
+    'csarm_jax.data.store_writer': ('COMPRESSIONS', 'DEFAULT_COMPRESSION', 'create_array',
+                                    'make_manifest', 'write_metadata'),
 }
 _MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
 

@@ -4,7 +4,7 @@
     windows = crop_windows(m, 540, 540, 256)         # evaluation and prediction: centre crops
     crops   = apply_windows(images, windows)          # in-memory images: slicing, one copy
 
-The pipeline applies the same windows inside the store read (``pipeline.read_windows``), so only
+The pipeline applies the same windows inside the store read (``ImageStore.read_crops``), so only
 the crops are ever copied out. Scaling to float and normalising happen on the accelerator
 (``normalization.normalize``): batches travel as uint8/uint16.
 """

@@ -25,10 +25,10 @@ threads finish in does not matter, an iterator state is just the next batch numb
 union over processes is the single-process batch, and a state restores under any P.
 
 Each grain element is one process-local batch, whose crops tensorstore reads concurrently, copying
-out only the crops (``read_windows``); grain's threads (``num_threads``) prepare several batches at
-once, up to ``prefetch_buffer_size`` (default: one per thread) being read or ready. Image memory is
-recycled (``buffers.BufferPool``): a batch's buffer is reused once nothing references the batch
-any more. Resident memory is about (prefetch_buffer_size + 2) batches.
+out only the crops (``ImageStore.read_crops``); grain's threads (``num_threads``) prepare several
+batches at once, up to ``prefetch_buffer_size`` (default: one per thread) being read or ready.
+Image memory is recycled (``buffers.BufferPool``): a batch's buffer is reused once nothing
+references the batch any more. Resident memory is about (prefetch_buffer_size + 2) batches.
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
-import tensorstore as ts
 from absl import logging
 
 from csarm_jax.data import augment
@@ -49,30 +48,6 @@ from csarm_jax.data.contexts import Context, PlateIndex
 Batch = dict[str, np.ndarray]
 SAMPLINGS = ('plate', 'mixed')   # how training contexts are drawn (Method.train_sampling)
 _ENDLESS = 2 ** 60            # the batches of an "endless" iterator
-
-
-def read_windows(store, rows: np.ndarray, windows: augment.Windows,
-                 out: np.ndarray | None = None) -> np.ndarray:
-  """Crops of the images at ``rows``: each a view of the array (window, flips), all fetched
-  concurrently by tensorstore, which copies out only the crops -- into ``out`` (M, size, size, C)
-  if given (e.g. a ``buffers.BufferPool`` buffer), else into new memory."""
-  s = windows.size
-  shape = (len(rows), s, s, store.item_shape[-1])
-  if out is not None and (out.shape != shape or out.dtype != store.array.dtype.numpy_dtype):
-    raise ValueError(f'out is {out.dtype} {out.shape}, the crops are '
-                     f'{store.manifest["dtype"]} {shape}')
-  if len(rows) == 0:
-    return np.zeros(shape, store.manifest['dtype']) if out is None else out
-  layers = [store.array[int(r), int(y):int(y) + s, int(x):int(x) + s][
-                ::-1 if fh else 1, ::-1 if fw else 1].translate_to[0, 0, 0]
-            for r, y, x, fh, fw in zip(rows, windows.ys, windows.xs, windows.flip_h,
-                                       windows.flip_w)]
-  if out is None:
-    return ts.stack(layers).read().result()
-  # One write per crop: as concurrent as the stacked read, and cheaper than one stacked write.
-  for write in [ts.array(o, copy=False, write=True).write(layer) for o, layer in zip(out, layers)]:
-    write.result()
-  return out
 
 
 def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
@@ -95,9 +70,8 @@ def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
         for i, c in enumerate(contexts)])
     out = None
     if pool is not None and real.all():
-      out = pool.empty((rows.size, windows.size, windows.size, store.item_shape[-1]),
-                       store.manifest['dtype'])
-    items = read_windows(store, rows[real], windows, out)
+      out = pool.empty((rows.size, windows.size, windows.size, store.item_shape[-1]), store.dtype)
+    items = store.read_crops(rows[real], windows, out)
   else:
     items = store.read(rows[real])
   if real.all():

@@ -5,8 +5,9 @@ holding three things:
 
 * ``data.zarr`` -- one zarr3 array, sharded along its first axis (``shard_items`` items per file).
   Inside a shard an image is split into tiles (inner chunks ``(1, tile_h, tile_w, C)``, see
-  ``tile_side``; bitshuffled and LZ4HC-compressed by default, see ``COMPRESSIONS``), so reading a
-  crop touches one shard file and decodes only the tiles under it. ``kind='images'``:
+  ``store_writer.tile_side``; bitshuffled and LZ4HC-compressed by default, see
+  ``store_writer.COMPRESSIONS``), so reading a crop touches one shard file and decodes only the
+  tiles under it. ``kind='images'``:
   (N, H, W, C) uint8 or uint16; ``kind='features'``: (N, D) float32 (e.g. CellProfiler profiles).
 * ``metadata.parquet`` -- one row per item, JUMP column names, every ID a string (see ``COLUMNS``);
   ``row`` indexes the array, ``label`` is the class id (-1: unlabelled, e.g. a control) and
@@ -17,7 +18,8 @@ holding three things:
   row references (e.g. sites a converter skipped and reported). Written last: its presence marks a
   complete store.
 
-``open_store`` validates the three against each other and never reads the array's data.
+This module reads: ``open_store`` validates the three against each other and never reads the
+array's data; ``ImageStore`` reads items and crops. ``store_writer`` writes stores.
 """
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
 import tensorstore as ts
+
+if TYPE_CHECKING:
+  from csarm_jax.data.augment import Windows
 
 FORMAT_VERSION = 1
 ARRAY_NAME, TABLE_NAME, MANIFEST_NAME = 'data.zarr', 'metadata.parquet', 'manifest.json'
@@ -39,58 +44,6 @@ COLUMNS = ID_COLUMNS + ('is_control', 'label', 'row')
 MANIFEST_KEYS = ('format_version', 'kind', 'channels', 'dtype', 'item_shape', 'num_items', 'classes',
                  'control_id', 'created_by', 'num_unused_rows')
 DTYPES = {'images': ('uint8', 'uint16'), 'features': ('float32',)}
-# Store codecs, all blosc with bitshuffle (on cell images the bit planes above the noise compress
-# well; ``codecs`` sets the element size). On 540-px microscopy-like content (BENCHMARKS.md)
-# 'lz4hc' is the smallest, decodes as fast as 'lz4' and 20-40 % faster than 'zstd', and encodes
-# ~2x slower than 'zstd'; 'zstd' may be smaller on smoother content
-# (experiments/benchmark_codecs.py compares them on a store of yours). 'none' reads fastest.
-COMPRESSIONS = {
-    'lz4hc': [{'name': 'blosc', 'configuration': {'cname': 'lz4hc', 'clevel': 5,
-                                                  'shuffle': 'bitshuffle'}}],
-    'zstd': [{'name': 'blosc', 'configuration': {'cname': 'zstd', 'clevel': 3,
-                                                 'shuffle': 'bitshuffle'}}],
-    'lz4': [{'name': 'blosc', 'configuration': {'cname': 'lz4', 'clevel': 5,
-                                                'shuffle': 'bitshuffle'}}],
-    'none': [],
-}
-DEFAULT_COMPRESSION = 'lz4hc'
-LAYOUT_OPTIONS = ('compression', 'tile')   # how create_array lays images out; fixed once created
-MAX_TILE, MIN_TILE = 192, 48   # default tile side: a divisor of the side in this range
-# blosc bitshuffles a chunk only if it holds a multiple of 8 elements (of ``blosc_typesize``
-# bytes); otherwise it compresses the raw bytes, which on noisy images is larger and 1.5-2x slower
-# to decode.
-BITSHUFFLE_ELEMENTS = 8
-
-
-def blosc_typesize(dtype: str) -> int:
-  """The element size blosc bitshuffles by: the dtype's, but at least 2 bytes. blosc's SIMD
-  bitshuffle handles only even sizes and runs scalar code on 1-byte elements; uint8 images
-  bitshuffled as byte pairs decode 16-20 % faster and come out 3-4 % larger (BENCHMARKS.md)."""
-  return max(2, np.dtype(dtype).itemsize)
-
-
-def codecs(compression: str, dtype: str) -> list[dict[str, Any]]:
-  """The zarr3 codecs after ``bytes`` for an inner chunk: ``COMPRESSIONS[compression]`` with
-  blosc's ``typesize`` set for ``dtype``."""
-  return [{**c, 'configuration': {**c['configuration'], 'typesize': blosc_typesize(dtype)}}
-          if c['name'] == 'blosc' else c for c in COMPRESSIONS[compression]]
-
-
-def tile_side(side: int, channels: int, tile: int | None = None, dtype: str = 'uint8') -> int:
-  """The tile side for an image side: ``tile`` if given (it must divide ``side``), else the largest
-  divisor of ``side`` at most ``MAX_TILE`` whose tile (side² x ``channels`` values of ``dtype``)
-  blosc can bitshuffle (540 -> 180, 512 -> 128, 300 -> 100 with 5 channels); failing that the
-  largest divisor in that range; the whole side when the divisor would be under ``MIN_TILE`` (a
-  prime side). A crop then decodes only the tiles it touches; smaller tiles cost more per-chunk
-  work than they save (BENCHMARKS.md)."""
-  if tile is None:
-    divisors = [d for d in range(min(MIN_TILE, side), min(side, MAX_TILE) + 1) if side % d == 0]
-    unit = BITSHUFFLE_ELEMENTS * blosc_typesize(dtype)    # bytes
-    shuffled = [d for d in divisors if d * d * channels * np.dtype(dtype).itemsize % unit == 0]
-    return max(shuffled or divisors or [side])
-  if tile < 1 or side % tile:
-    raise StoreError(f'tile {tile} must be a positive divisor of the image side {side}')
-  return tile
 
 
 class StoreError(ValueError):
@@ -108,60 +61,24 @@ def kvstore(path: str) -> ts.KvStore:
   return ts.KvStore.open(url(path)).result()
 
 
-def _array_spec(path: str) -> dict[str, Any]:
+def array_spec(path: str) -> dict[str, Any]:
+  """The tensorstore spec of a store's array (to open, or with metadata added, to create)."""
   return {'driver': 'zarr3', 'kvstore': url(path) + ARRAY_NAME + '/',
           # No chunk cache: reads go straight to the caller, resident memory stays flat.
           'context': {'cache_pool': {'total_bytes_limit': 0}}}
 
 
-def _kind_of(item_shape: Sequence[int]) -> str:
+def kind_of(item_shape: Sequence[int]) -> str:
+  """'images' for (H, W, C) items, 'features' for (D,), else 'invalid'."""
   return {3: 'images', 1: 'features'}.get(len(item_shape), 'invalid')
 
 
-def create_array(path: str, num_items: int, item_shape: Sequence[int], dtype: str,
-                 shard_items: int = 64, delete_existing: bool = False,
-                 compression: str = DEFAULT_COMPRESSION, tile: int | None = None) -> ts.TensorStore:
-  """Creates the (N, *item_shape) array: item_shape (H, W, C) for images, (D,) for features.
-
-  Write whole shards (``shard_items`` rows, see ``shard_items_of``) from one writer at a time.
-  ``compression``: a key of ``COMPRESSIONS`` ('lz4hc' by default). ``tile``: the side of an
-  image's square inner chunks (default ``tile_side``). Readers need not know either.
-  """
-  kind = _kind_of(item_shape)
-  if kind == 'invalid' or dtype not in DTYPES[kind]:
-    raise StoreError(f'item_shape {tuple(item_shape)} / dtype {dtype!r}: expected (H, W, C) with '
-                     f"{DTYPES['images']} or (D,) with {DTYPES['features']}")
-  if compression not in COMPRESSIONS:
-    raise StoreError(f'compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}')
-  item = [int(s) for s in item_shape]
-  inner = [1] + item
-  if kind == 'images':
-    inner = [1, tile_side(item[0], item[2], tile, dtype), tile_side(item[1], item[2], tile, dtype),
-             item[2]]
-  spec = _array_spec(path)
-  spec['metadata'] = {
-      'shape': [int(num_items)] + item, 'data_type': dtype,
-      'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [shard_items] + item}},
-      'codecs': [{'name': 'sharding_indexed', 'configuration': {
-          'chunk_shape': inner,
-          'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
-                     *codecs(compression, dtype)],
-          'index_codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
-                           {'name': 'crc32c'}]}}],
-  }
-  return ts.open(spec, create=True, delete_existing=delete_existing).result()
-
-
 def open_array(path: str, write: bool = False) -> ts.TensorStore:
+  """The store's array (``write=True``: for a writer filling a created array)."""
   try:
-    return ts.open(_array_spec(path), open=True, read=True, write=write).result()
+    return ts.open(array_spec(path), open=True, read=True, write=write).result()
   except Exception as e:  # tensorstore raises ValueError subclasses with long messages
     raise StoreError(f'cannot open image array {url(path) + ARRAY_NAME}: {e}') from None
-
-
-def shard_items_of(array: ts.TensorStore) -> int:
-  """Items per shard file (the unit a writer should write at once)."""
-  return int(array.chunk_layout.write_chunk.shape[0])
 
 
 def read_manifest(path: str) -> dict[str, Any]:
@@ -182,27 +99,6 @@ def read_table(path: str) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(bytes(raw.value)))
   except Exception as e:
     raise StoreError(f'{url(path) + TABLE_NAME} is not a readable Parquet file: {e}') from None
-
-
-def write_metadata(path: str, table: pd.DataFrame, manifest: dict[str, Any]) -> None:
-  """Validates, then writes the table and (last, marking the store complete) the manifest."""
-  array = open_array(path)
-  validate(table, manifest, tuple(array.shape), str(array.dtype.numpy_dtype), where=url(path))
-  kv = kvstore(path)
-  buf = io.BytesIO()
-  table.to_parquet(buf, index=False)
-  kv.write(TABLE_NAME, buf.getvalue()).result()
-  kv.write(MANIFEST_NAME, json.dumps(manifest, indent=2).encode()).result()
-
-
-def make_manifest(channels: Sequence[str], dtype: str, item_shape: Sequence[int], num_items: int,
-                  classes: Sequence[tuple[str, str]], control_id: str, created_by: dict[str, Any],
-                  num_unused_rows: int = 0) -> dict[str, Any]:
-  """``channels``: channel names (images) or feature names (features), in array order."""
-  return {'format_version': FORMAT_VERSION, 'kind': _kind_of(item_shape), 'channels': list(channels),
-          'dtype': dtype, 'item_shape': [int(s) for s in item_shape], 'num_items': int(num_items),
-          'classes': [{'id': i, 'name': n} for i, n in classes], 'control_id': control_id,
-          'created_by': created_by, 'num_unused_rows': int(num_unused_rows)}
 
 
 def _first(table: pd.DataFrame, bad: np.ndarray, column: str) -> str:
@@ -227,7 +123,7 @@ def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[i
   if item != list(manifest['item_shape']) or n != manifest['num_items']:
     raise StoreError(f"{mf}: item_shape {manifest['item_shape']} / num_items "
                      f"{manifest['num_items']} disagree with the array's shape {array_shape}")
-  if manifest['kind'] != _kind_of(item):
+  if manifest['kind'] != kind_of(item):
     raise StoreError(f"{mf}: kind {manifest['kind']!r} does not fit an array of shape {array_shape}")
   if len(manifest['channels']) != item[-1]:
     raise StoreError(f"{mf}: {len(manifest['channels'])} channel/feature names for an array whose "
@@ -313,12 +209,40 @@ class ImageStore:
   def item_shape(self) -> tuple[int, ...]:
     return tuple(self.manifest['item_shape'])
 
+  @property
+  def dtype(self) -> str:
+    return self.manifest['dtype']
+
   def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
     """Items at array ``rows`` (any order, repeats allowed), as (len(rows), *item_shape)."""
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
-      return np.zeros((0, *self.item_shape), self.manifest['dtype'])
+      return np.zeros((0, *self.item_shape), self.dtype)
     return self.array.oindex[rows].read().result()
+
+  def read_crops(self, rows: np.ndarray, windows: Windows, out: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Crops of the images at ``rows``: each a view of the array (``augment.Windows``: window,
+    flips), all fetched concurrently by tensorstore, which copies out only the crops -- into
+    ``out`` (M, size, size, C) if given (e.g. a ``buffers.BufferPool`` buffer), else into new
+    memory."""
+    s = windows.size
+    shape = (len(rows), s, s, self.item_shape[-1])
+    if out is not None and (out.shape != shape or out.dtype != np.dtype(self.dtype)):
+      raise ValueError(f'out is {out.dtype} {out.shape}, the crops are {self.dtype} {shape}')
+    if len(rows) == 0:
+      return np.zeros(shape, self.dtype) if out is None else out
+    layers = [self.array[int(r), int(y):int(y) + s, int(x):int(x) + s][
+                  ::-1 if fh else 1, ::-1 if fw else 1].translate_to[0, 0, 0]
+              for r, y, x, fh, fw in zip(rows, windows.ys, windows.xs, windows.flip_h,
+                                         windows.flip_w)]
+    if out is None:
+      return ts.stack(layers).read().result()
+    # One write per crop: as concurrent as the stacked read, and cheaper than one stacked write.
+    writes = [ts.array(o, copy=False, write=True).write(layer) for o, layer in zip(out, layers)]
+    for write in writes:
+      write.result()
+    return out
 
   def __getstate__(self):  # pickles for worker processes: the array handle is reopened
     return {'path': self.path, 'manifest': self.manifest, 'table': self.table}

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from csarm_jax import nested
 from csarm_jax.data import store as store_lib
+from csarm_jax.data import store_writer
 from csarm_jax.data.constants import CHANNELS
 from csarm_jax.data.jump.files import FileProblem, read_illum, read_tiff, tiff_shape
 from csarm_jax.data.jump.index import read_index
@@ -67,7 +68,7 @@ class ConvertOptions:
   illum: bool = False                    # divide by the plate's Illum<Ch>.npy (the paper did not)
   crop: tuple[int, int] | None = None    # (H, W) after downsampling; None: see the module docstring
   shard_items: int = 64                  # sites per shard = per work unit
-  compression: str = store_lib.DEFAULT_COMPRESSION   # store codec: a key of store.COMPRESSIONS
+  compression: str = store_writer.DEFAULT_COMPRESSION   # store codec: a key of store.COMPRESSIONS
   tile: int = 0                          # side of the stored tiles (divides the crop); 0: auto
 
   def __post_init__(self):
@@ -77,8 +78,9 @@ class ConvertOptions:
       raise ValueError('downsample and shard_items must be positive')
     if not 0 < self.clip_percentile <= 100:
       raise ValueError(f'clip_percentile {self.clip_percentile} is not in (0, 100]')
-    if self.compression not in store_lib.COMPRESSIONS:
-      raise ValueError(f'compression {self.compression!r}: expected one of {sorted(store_lib.COMPRESSIONS)}')
+    if self.compression not in store_writer.COMPRESSIONS:
+      raise ValueError(f'compression {self.compression!r}: expected one of '
+                       f'{sorted(store_writer.COMPRESSIONS)}')
     if self.crop is not None and (len(self.crop) != 2 or min(self.crop) < 1):
       raise ValueError(f'crop {self.crop}: expected (height, width) > 0')
 
@@ -312,11 +314,11 @@ def _finalise(out: str, kv: ts.KvStore, index: pd.DataFrame, info: dict[str, Any
                 'index': {'path': run['index_path'], 'sha256': run['request']['index_sha256']},
                 'options': run['request']['options'], 'crop': run['item_shape'][:2],
                 'probed_source_sizes': run['probed_source_sizes'], 'qc': counts}
-  manifest = store_lib.make_manifest(
+  manifest = store_writer.make_manifest(
       CHANNELS, run['request']['options']['dtype'], run['item_shape'], len(index),
       [tuple(c) for c in info['classes']], info['control_id'], created_by,
       num_unused_rows=len(index) - len(table))
-  store_lib.write_metadata(out, table, manifest)
+  store_writer.write_metadata(out, table, manifest)
   return counts
 
 
@@ -339,7 +341,7 @@ def _same_run(request: dict[str, Any], saved: dict[str, Any]) -> bool:
   """Whether a request continues a saved run: the same index and options, whatever codec or tiles
   it asks for (the run keeps the ones it started with)."""
   strip = lambda r: {**r, 'options': {k: v for k, v in r['options'].items()
-                                      if k not in store_lib.LAYOUT_OPTIONS}}
+                                      if k not in store_writer.LAYOUT_OPTIONS}}
   return strip(json.loads(json.dumps(request))) == strip(_with_new_defaults(saved))
 
 
@@ -365,7 +367,7 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
     sizes = probe_sizes(index)
     crop = tuple(options.crop) if options.crop else auto_crop(sizes, options.downsample)
     for side in crop:   # a bad tile fails before anything is written
-      store_lib.tile_side(side, len(CHANNELS), options.tile or None)
+      store_writer.tile_side(side, len(CHANNELS), options.tile or None)
     run = {'request': request, 'item_shape': [*crop, len(CHANNELS)], 'num_items': len(index),
            'command': command, 'index_path': index_path,
            'probed_source_sizes': _source_sizes(index, sizes)}
@@ -385,8 +387,9 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
   try:
     store_lib.open_array(out)
   except store_lib.StoreError:
-    store_lib.create_array(out, len(index), item_shape, options.dtype, shard_items=options.shard_items,
-                           compression=started['compression'], tile=started['tile'] or None)
+    store_writer.create_array(out, len(index), item_shape, options.dtype,
+                              shard_items=options.shard_items,
+                              compression=started['compression'], tile=started['tile'] or None)
   entries = _ledger(kv)
   size = options.shard_items
   num_shards = -(-len(index) // size)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from csarm_jax.data import store as store_lib
+from csarm_jax.data import store_writer
 from csarm_jax.data.jump.load_data import DATASET
 from csarm_jax.data.jump.tables import JumpDataError, normalise_well, read_table
 
@@ -136,7 +137,7 @@ def write_feature_store(out: str, table: pd.DataFrame, features: np.ndarray, nam
   if len(table) == 0:
     raise JumpDataError('no well has a profile: nothing to write')
   try:
-    array = store_lib.create_array(out, len(table), (features.shape[1],), 'float32',
+    array = store_writer.create_array(out, len(table), (features.shape[1],), 'float32',
                                    shard_items=shard_items, delete_existing=overwrite)
   except ValueError as e:
     raise JumpDataError(f'cannot create the store at {out} (pass --overwrite to replace one): '
@@ -145,7 +146,7 @@ def write_feature_store(out: str, table: pd.DataFrame, features: np.ndarray, nam
     stop = min(start + shard_items, len(table))
     array[start:stop].write(features[start:stop]).result()
   store_lib.kvstore(out).write(REPORT_KEY, json.dumps(report, indent=1).encode()).result()
-  manifest = store_lib.make_manifest(names, 'float32', (features.shape[1],), len(table),
+  manifest = store_writer.make_manifest(names, 'float32', (features.shape[1],), len(table),
                                      [tuple(c) for c in info['classes']], info['control_id'],
                                      created_by)
-  store_lib.write_metadata(out, table, manifest)
+  store_writer.write_metadata(out, table, manifest)

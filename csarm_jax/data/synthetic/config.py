@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from csarm_jax import nested
-from csarm_jax.data import store
+from csarm_jax.data import store_writer
 from csarm_jax.data.synthetic import layout
 
 PRESETS = ('tiny', 'quickstart', 'large')
@@ -24,7 +24,7 @@ def _base() -> ml_collections.ConfigDict:
   c.image_size = 64               # stored image height = width, pixels
   c.dtype = 'uint8'               # pixel type of the store: 'uint8' | 'uint16'
   c.shard_items = 64              # images per shard file of the store: the unit of parallel work
-  c.compression = store.DEFAULT_COMPRESSION   # store codec: a key of store.COMPRESSIONS
+  c.compression = store_writer.DEFAULT_COMPRESSION   # a key of store_writer.COMPRESSIONS
   c.tile = 0                      # side of an image's stored tiles (divides image_size); 0: auto
 
   c.layout = ml_collections.ConfigDict()
@@ -129,8 +129,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.image_size >= 16, 'image_size', 'must be >= 16 pixels'),
       (config.dtype in ('uint8', 'uint16'), 'dtype', "must be 'uint8' or 'uint16'"),
       (config.shard_items >= 1, 'shard_items', 'must be >= 1'),
-      (config.compression in store.COMPRESSIONS, 'compression',
-       f'must be one of {sorted(store.COMPRESSIONS)}'),
+      (config.compression in store_writer.COMPRESSIONS, 'compression',
+       f'must be one of {sorted(store_writer.COMPRESSIONS)}'),
       (config.tile == 0 or (config.tile > 0 and config.image_size % config.tile == 0), 'tile',
        'must be 0 (auto) or a divisor of image_size'),
       (layout.NUM_CLASSES * lay.wells_per_class + lay.control_wells

@@ -3,8 +3,9 @@
 Work units are the store's shards: a worker renders a shard's images and writes the whole shard.
 Every image's randomness comes from streams keyed by what it depicts (see ``keys``), so the bytes
 depend on the config and seed only -- not on the number of workers. The table and manifest are
-written last (via ``store.write_metadata``); until then ``synthetic_progress.json`` in the output
-directory lists the finished shards, and a rerun with the same config and seed resumes from it.
+written last (via ``store_writer.write_metadata``); until then ``synthetic_progress.json`` in the
+output directory lists the finished shards, and a rerun with the same config and seed resumes from
+it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import tqdm
 
 from csarm_jax import __version__, nested
-from csarm_jax.data import constants, store
+from csarm_jax.data import constants, store, store_writer
 from csarm_jax.data.synthetic import config as config_lib
 from csarm_jax.data.synthetic import images, layout
 
@@ -73,7 +74,8 @@ def _write_progress(out: str, fingerprint: dict[str, Any], done: set[int]) -> No
   os.replace(path + '.tmp', path)
 
 
-STORAGE_FIELDS = ('shard_items',) + store.LAYOUT_OPTIONS   # how images are stored, not what they are
+# How images are stored, not what they are.
+STORAGE_FIELDS = ('shard_items',) + store_writer.LAYOUT_OPTIONS
 
 
 def _without(fingerprint: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
@@ -123,7 +125,8 @@ def generate(config: ml_collections.ConfigDict, out: str, seed: int = 0, workers
   state = _read_progress(out)
   if state is not None:
     saved = _with_new_fields(state['fingerprint'])
-    if _without(saved, store.LAYOUT_OPTIONS) != _without(fingerprint, store.LAYOUT_OPTIONS):
+    layout_free = lambda f: _without(f, store_writer.LAYOUT_OPTIONS)
+    if layout_free(saved) != layout_free(fingerprint):
       raise FileExistsError(_describe(out, fingerprint, saved, 'an interrupted run'))
     fingerprint = saved     # a resumed run keeps the codec and tiles its array was created with
   if state is None and os.path.isdir(out) and os.listdir(out):
@@ -136,8 +139,9 @@ def generate(config: ml_collections.ConfigDict, out: str, seed: int = 0, workers
   num_shards = -(-len(table) // config.shard_items)
   if state is None:
     os.makedirs(out, exist_ok=True)
-    store.create_array(out, len(table), item_shape, config.dtype, shard_items=config.shard_items,
-                       compression=config.compression, tile=config.tile or None)
+    store_writer.create_array(out, len(table), item_shape, config.dtype,
+                              shard_items=config.shard_items, compression=config.compression,
+                              tile=config.tile or None)
     done: set[int] = set()
     _write_progress(out, fingerprint, done)
   else:
@@ -174,10 +178,10 @@ def generate(config: ml_collections.ConfigDict, out: str, seed: int = 0, workers
   bar.close()
 
   created_by = {'tool': TOOL, 'version': __version__, 'preset': config.preset, **fingerprint}
-  manifest = store.make_manifest(constants.CHANNELS, config.dtype, item_shape, len(table),
+  manifest = store_writer.make_manifest(constants.CHANNELS, config.dtype, item_shape, len(table),
                                  constants.POSITIVE_CONTROLS, constants.CONTROL_ID, created_by)
   columns = list(store.COLUMNS) + list(layout.EXTRA_COLUMNS)
-  store.write_metadata(out, table[columns].reset_index(drop=True), manifest)
+  store_writer.write_metadata(out, table[columns].reset_index(drop=True), manifest)
   os.remove(os.path.join(out, PROGRESS_NAME))
   return out
 
