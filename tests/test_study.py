@@ -1,5 +1,6 @@
 """Cross-validation and the reproduction study on a small store: files, columns, resumability, and
 a report computed from results.csv."""
+import glob
 import os
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 from csarm_jax import methods
 from csarm_jax.data import synthetic
 from csarm_jax.study import report, runner as study
-from csarm_jax.training import cross_validation, experiment
+from csarm_jax.training import cross_validation, experiment, loop
 from run_fixture import tiny_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
@@ -85,12 +86,25 @@ def test_study_writes_one_row_per_evaluation(smoke):
   assert (saved[saved['method'] == 'erm']['num_controls'] == 0).all()
 
 
-def test_study_resumes_from_its_caches(smoke):
+def _cache_files(workdir):
+  """Every trained run's results.json and every cached evaluation: path -> (inode, mtime, bytes)."""
+  paths = (glob.glob(os.path.join(workdir, 'runs', '*', '*', 'results.json')) +
+           glob.glob(os.path.join(workdir, 'runs', '*', '*', 'study', '*', '*.json')))
+  return {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns, open(p, 'rb').read()) for p in paths}
+
+
+def test_study_resumes_from_its_caches(smoke, monkeypatch):
   config, workdir, results = smoke
-  marker = os.path.join(workdir, 'runs', 'erm', 'fold0_seed0', 'results.json')
-  mtime = os.path.getmtime(marker)
+  cached = _cache_files(workdir)
+  # 2 trained models; erm's 6 evaluations, cs_arm_bn's 8 (as results.csv counts them)
+  assert len(cached) == 2 + len(results)
+
+  def recompute(*args, **kwargs):
+    raise AssertionError('the study recomputed a cached result')
+  monkeypatch.setattr(loop, 'train_and_evaluate', recompute)    # training a model again
+  monkeypatch.setattr(loop, 'restore_variables', recompute)     # evaluating a model again
   again = study.run(config, workdir)
-  assert os.path.getmtime(marker) == mtime
+  assert _cache_files(workdir) == cached                        # nothing rewritten
   pd.testing.assert_frame_equal(again.reset_index(drop=True), results.reset_index(drop=True))
 
 
