@@ -1,7 +1,7 @@
 r"""Train and evaluate one run: python experiments/train.py --config=CONFIG.py[:variant] --workdir=DIR
 
   python experiments/train.py --config=experiments/configs/quickstart.py --workdir=runs/quickstart
-  python experiments/train.py --config=experiments/configs/jumpcp_csarmbn.py \
+  python experiments/train.py --config=experiments/configs/jumpcp.py \
       --config.store=gs://bucket/jump_store --config.split.fold=1 --workdir=runs/s8_to_s3
 
 Re-running with the same workdir resumes from its latest checkpoint. A thin wrapper over

@@ -7,8 +7,7 @@ import ml_collections
 from ml_collections import config_dict
 
 
-def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  del variant
+def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | cs_arm_bn | ben
   c.seed = 0                        # parameters and training contexts
