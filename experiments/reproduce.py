@@ -34,7 +34,7 @@ def write_embedding(config, workdir: str) -> list[str]:
         pc2_var=pca.explained_variance_ratio_[1]))
   pd.concat(frames).to_csv(os.path.join(workdir, 'embedding.csv'), index=False)
   from csarm_jax.data import open_store
-  return open_store(config.train.store).class_names
+  return open_store(config.experiment.store).class_names
 
 
 def main(argv):

@@ -37,7 +37,7 @@ def test_cross_validation_runs_every_fold_and_reuses_finished_runs(store_path, t
 def test_both_study_variants_are_valid_configs():
   for variant in ('quick', 'full'):
     config = reproduce.get_config(variant)
-    experiment.check_config(config.train)
+    experiment.check_config(config.experiment)
     assert study.sweep_setting(config) == 'unseen_source'
     specs = study.eval_specs(config, methods.CS_ARM_BN)
     assert {s.setting for s in specs} == {'in_domain', 'unseen_batches', 'unseen_source'}
@@ -57,11 +57,11 @@ def smoke(tmp_path_factory):
   store = str(tmp_path_factory.mktemp('tiny'))
   synthetic.generate(synthetic.preset('tiny'), store, seed=0, workers=1, progress=False)
   config = reproduce.get_config('quick')
-  config.train = tiny_config(store)
-  config.train.data.crop_size = 24
-  config.train.train.update(max_epochs=1, steps_per_epoch=2)
-  config.train.split.update(validation_fraction=0.25, unseen_batches_fraction=0.3,
-                            in_domain_fraction=0.25)
+  config.experiment = tiny_config(store)
+  config.experiment.data.crop_size = 24
+  config.experiment.train.update(max_epochs=1, steps_per_epoch=2)
+  config.experiment.split.update(validation_fraction=0.25, unseen_batches_fraction=0.3,
+                                 in_domain_fraction=0.25)
   config.methods = ['erm', 'cs_arm_bn']
   config.seeds = [0]
   config.sweeps.update(label_shift_alphas=[0.01], perturbed=[1, 4], controls=[0, 4],

@@ -94,7 +94,7 @@ def trainer_dir(workdir: str, trainer: str, fold: int, seed: int) -> str:
 
 
 def _run_config(config: ml_collections.ConfigDict, method: str, fold: int, seed: int):
-  cfg = ml_collections.ConfigDict(config.train.to_dict())
+  cfg = ml_collections.ConfigDict(config.experiment.to_dict())
   cfg.method, cfg.split.fold, cfg.seed = method, int(fold), int(seed)
   cfg.eval.final_evaluation = False
   return cfg
@@ -147,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame:
   """Trains what is missing, evaluates what is not cached, writes and returns results.csv."""
   os.makedirs(workdir, exist_ok=True)
   folds = config.folds if config.folds is not None else range(
-      cross_validation.num_folds(config.train))
+      cross_validation.num_folds(config.experiment))
   groups = training_groups(list(config.methods))
   rows = []
   for fold in folds:

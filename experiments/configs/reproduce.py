@@ -4,7 +4,7 @@
          about 30 minutes on 2 CPU cores.
   full:  the 'large' synthetic benchmark, ResNet-18, every leave-one-source-out fold x 3 seeds;
          sized for one GPU/TPU host. On a real store (e.g. JUMP sources 3 and 8):
-         --config.train.store=PATH --config.train.synthetic.preset=''
+         --config.experiment.store=PATH --config.experiment.synthetic.preset=''
 """
 import ml_collections
 
@@ -33,21 +33,23 @@ def get_config(variant='quick'):
   c.embedding = ml_collections.ConfigDict({
       'methods': ['erm', 'cs_arm_bn'], 'fold': 0, 'seed': 0,
       'parts': ['test', 'in_domain', 'unseen_batches'], 'max_images_per_plate': 24})
+  # c.experiment: the experiment config (as train.py takes) of every run, before the study sets
+  # its method, fold and seed.
   if variant == 'quick':
     c.folds = [0]
-    c.train = quickstart.get_config()
-    c.train.split.update(validation_fraction=0.15, unseen_batches_fraction=0.2,
-                         in_domain_fraction=0.1)
-    c.train.train.max_epochs = 10
+    c.experiment = quickstart.get_config()
+    c.experiment.split.update(validation_fraction=0.15, unseen_batches_fraction=0.2,
+                              in_domain_fraction=0.1)
+    c.experiment.train.max_epochs = 10
   else:
     c.folds = None                              # every leave-one-source-out fold
-    c.train = _default()
-    c.train.store = 'data/large'
-    c.train.synthetic.preset = 'large'
-    c.train.model.name = 'resnet18'
-    c.train.data.update(crop_size=160, num_perturbed=64, num_controls=128, contexts_per_step=8)
-    c.train.split.update(validation_fraction=0.15, unseen_batches_fraction=0.25,
-                         in_domain_fraction=0.15)
-    c.train.train.update(max_epochs=60, patience=10)
+    c.experiment = _default()
+    c.experiment.store = 'data/large'
+    c.experiment.synthetic.preset = 'large'
+    c.experiment.model.name = 'resnet18'
+    c.experiment.data.update(crop_size=160, num_perturbed=64, num_controls=128, contexts_per_step=8)
+    c.experiment.split.update(validation_fraction=0.15, unseen_batches_fraction=0.25,
+                              in_domain_fraction=0.15)
+    c.experiment.train.update(max_epochs=60, patience=10)
     c.sweeps.max_images_per_plate = 128
   return c
