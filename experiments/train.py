@@ -12,8 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from csarm_jax.training import loop
-from csarm_jax.training.experiment import ConfigError
+from csarm_jax.training import ConfigError, Preempted, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -25,10 +24,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:
     sys.exit(f'error: {e}')
-  except loop.Preempted as e:
+  except Preempted as e:
     logging.warning('%s', e)
     sys.exit(143)
 
