@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
       'seed': 1234,                 # the fixed permutation of each plate's images
       'max_images_per_plate': config_dict.placeholder(int),   # None: every image of a plate
       'whole_plate': False,         # also evaluate with whole-plate statistics (streamed)
-      'label_shift_alphas': [],     # also evaluate under Dirichlet(alpha) label shift
+      'label_shift_alphas': (),     # also evaluate under Dirichlet(alpha) label shift
       'label_shift_seed': 5678,
       'chunk_size': 256,            # rows per pass when streaming whole plates
       'final_evaluation': True,     # evaluate every held-out part when training ends

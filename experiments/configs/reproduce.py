@@ -7,11 +7,12 @@
          --config.experiment.store=PATH --config.experiment.synthetic.preset=''
 """
 import ml_collections
+from ml_collections import config_dict
 
 from configs import quickstart
 from configs.default import get_config as _default
 
-METHODS = ['erm', 'adabn', 'adabn_controls', 'ben', 'arm_bn', 'cs_arm_bn']
+METHODS = ('erm', 'adabn', 'adabn_controls', 'ben', 'arm_bn', 'cs_arm_bn')
 
 
 def get_config(variant='quick'):
@@ -19,30 +20,30 @@ def get_config(variant='quick'):
     raise ValueError(f"variant must be 'quick' or 'full', got {variant!r}")
   c = ml_collections.ConfigDict()
   c.methods = METHODS
-  c.seeds = [0, 1, 2]
+  c.seeds = (0, 1, 2)
+  c.folds = config_dict.placeholder(tuple)   # None: every fold of the split
   # display name of each setting -> the fold part scored for it (one trained model scores all)
   c.settings = {'in_domain': 'in_domain', 'unseen_batches': 'unseen_batches',
                 'unseen_source': 'test'}
   c.sweeps = ml_collections.ConfigDict({
       'part': 'test',                           # sweeps score the unseen source
-      'label_shift_alphas': [1.0, 0.1, 0.01],   # plus 'balanced' (the default protocol)
-      'perturbed': [1, 4, 16, 64],              # perturbed images per test context
-      'controls': [0, 8, 32, 128],              # DMSO controls per test context
+      'label_shift_alphas': (1.0, 0.1, 0.01),   # plus 'balanced' (the default protocol)
+      'perturbed': (1, 4, 16, 64),              # perturbed images per test context
+      'controls': (0, 8, 32, 128),              # DMSO controls per test context
       'max_images_per_plate': 32,               # sweeps score a fixed subset of each plate
   })
   c.embedding = ml_collections.ConfigDict({
-      'methods': ['erm', 'cs_arm_bn'], 'fold': 0, 'seed': 0,
-      'parts': ['test', 'in_domain', 'unseen_batches'], 'max_images_per_plate': 24})
+      'methods': ('erm', 'cs_arm_bn'), 'fold': 0, 'seed': 0,
+      'parts': ('test', 'in_domain', 'unseen_batches'), 'max_images_per_plate': 24})
   # c.experiment: the experiment config (as train.py takes) of every run, before the study sets
   # its method, fold and seed.
   if variant == 'quick':
-    c.folds = [0]
+    c.folds = (0,)
     c.experiment = quickstart.get_config()
     c.experiment.split.update(validation_fraction=0.15, unseen_batches_fraction=0.2,
                               in_domain_fraction=0.1)
     c.experiment.train.max_epochs = 10
   else:
-    c.folds = None                              # every leave-one-source-out fold
     c.experiment = _default()
     c.experiment.store = 'data/large'
     c.experiment.synthetic.preset = 'large'
