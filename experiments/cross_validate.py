@@ -1,10 +1,10 @@
 r"""Every fold x seed of a config, then mean +- std per evaluation.
 
   python experiments/cross_validate.py --config=experiments/configs/quickstart.py \
-      --workdir=runs/cv --seeds=0,1,2 [--folds=0,2]
+      --workdir=runs/cv --seeds=0,1,2 --folds=0,2
 
-Each run trains in WORKDIR/fold<i>_seed<s> (finished runs are reused, unfinished ones resume);
-the table goes to WORKDIR/cross_validation.csv.
+Without --folds, every fold of the config's split. Each run trains in WORKDIR/fold<i>_seed<s>
+(finished runs are reused, unfinished ones resume); the table goes to WORKDIR/cross_validation.csv.
 """
 import os
 
