@@ -180,9 +180,10 @@ def plate_statistics(model: nn.Module, variables: Variables, images: Any = None,
 
   order = bn_layer_order(model, base, example)
   shapes = jax.eval_shape(lambda v, x, w: adapt(model, v, x, w), base, example, example_w)
-  flat = {path: (jnp.zeros if path[-1] == 'mean' else jnp.ones)(s.shape, s.dtype)
-          for path, s in traverse_util.flatten_dict(shapes).items()}   # replaced layer by layer
-  flags = {path: jnp.zeros((), bool) for path in order}
+  flat = jax.device_put({path: (np.zeros if path[-1] == 'mean' else np.ones)(s.shape, s.dtype)
+                         for path, s in traverse_util.flatten_dict(shapes).items()})  # replaced
+  flags = jax.device_put({path: np.zeros((), bool) for path in order})          # layer by layer
+  done = jax.device_put(np.ones((), bool))
 
   @jax.jit
   def chunk_sums(flat_stats, flat_flags, x, w):
@@ -196,7 +197,7 @@ def plate_statistics(model: nn.Module, variables: Variables, images: Any = None,
     count = mean = m2 = None
     for x, w in chunks():
       if k == 0:
-        total_weight += float(np.sum(w))
+        total_weight += float(np.sum(jax.device_get(w)))
       sums = chunk_sums(flat, flags, jnp.asarray(x), jnp.asarray(w))
       c, mu, s = sums[path + ('count',)], sums[path + ('mean',)], sums[path + ('m2',)]
       if count is None:
@@ -207,7 +208,7 @@ def plate_statistics(model: nn.Module, variables: Variables, images: Any = None,
       raise ValueError('mask selects no image: statistics of an empty set are undefined')
     flat[path + ('mean',)] = mean
     flat[path + ('var',)] = m2 / count
-    flags[path] = jnp.ones((), bool)
+    flags[path] = done
   return traverse_util.unflatten_dict(flat)
 
 

@@ -49,6 +49,7 @@ class Predictor:
   method: methods.Method
   norm: normalization.NormStats
   spec: dict[str, Any]
+  protocol: protocol.Protocol           # the test-time protocol it was evaluated with
 
   def preprocess(self, images):
     return normalization.normalize(images, self.norm)
@@ -112,12 +113,12 @@ def load(path: str) -> Predictor:
   if info.get('format_version') != FORMAT_VERSION:
     raise ValueError(f'{path}/{INFERENCE}: format_version {info.get("format_version")} is not '
                      f'{FORMAT_VERSION}')
-  info['eval'] = {'too_few': 'replace', **info['eval']}   # exports made before it was recorded
   model = _build_model(info)
   with ocp.StandardCheckpointer() as loader:
     variables = loader.restore(os.path.join(os.path.abspath(path), VARIABLES))
   norm = normalization.NormStats.from_json(json.dumps(info['normalization']))
-  return Predictor(path, model, variables, methods.get(info['method']), norm, info)
+  return Predictor(path, model, variables, methods.get(info['method']), norm, info,
+                   protocol.Protocol.from_spec(info))
 
 
 def _check_compatible(members: Sequence[Predictor], store: ImageStore) -> dict[str, Any]:
@@ -140,10 +141,10 @@ def _check_compatible(members: Sequence[Predictor], store: ImageStore) -> dict[s
                          f'images are {store.item_shape[0]}x{store.item_shape[1]}')
     if [c['id'] for c in m.spec['classes']] != [c['id'] for c in first['classes']]:
       raise ValueError(f'{m.path}: its classes differ from {members[0].path}\'s')
-    for key in ('crop_size', 'eval'):
-      if m.spec[key] != first[key] or m.method.eval_controls != members[0].method.eval_controls:
-        raise ValueError(f'{m.path}: its {key} / test-time protocol differs from '
-                         f'{members[0].path}\'s; ensemble members must share it')
+    if (m.protocol != members[0].protocol or
+        m.method.eval_controls != members[0].method.eval_controls):
+      raise ValueError(f'{m.path}: its test-time protocol (crop, context sizes, controls) differs '
+                       f'from {members[0].path}\'s; ensemble members must share it')
   return first
 
 
@@ -157,13 +158,11 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
   plates = sorted(store.table['Metadata_Plate'].unique()) if plates is None else list(plates)
   mesh = parallel.make_mesh()
   parallel.check_contexts_divide(contexts_per_step, mesh, 'contexts_per_step')
-  e, num_classes = spec['eval'], len(spec['classes'])
+  rule = dataclasses.replace(members[0].protocol, contexts_per_step=contexts_per_step)
+  num_classes = len(spec['classes'])
   probs, frame = None, None
   for m in members:
-    batches = protocol.context_batches(
-        store, plates, m.method, num_perturbed=e['num_perturbed'], num_controls=e['num_controls'],
-        contexts_per_step=contexts_per_step, crop_size=spec['crop_size'], seed=e['seed'],
-        too_few=e['too_few'], require_labels=False)
+    batches = protocol.context_batches(store, plates, m.method, rule)
     eval_step = compiled_eval_step(m.model, m.method, m.preprocess, mesh)
     member_frame, _, _ = protocol.run_contexts(store, mesh, eval_step, m.variables, batches)
     p = member_frame[metrics_lib.prob_columns(num_classes)].to_numpy()

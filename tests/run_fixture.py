@@ -23,6 +23,6 @@ def tiny_config(store_path, method='cs_arm_bn'):
   c.split.update(kind='source', fold=0, validation_fraction=0.25, in_domain_fraction=0.34)
   c.optimizer.learning_rate = 1e-2
   c.train.update(max_epochs=3, steps_per_epoch=2, log_every_steps=1, checkpoint_every_steps=1,
-                 patience=5)
+                 patience=5, transfer_guard='disallow')
   c.eval.update(num_perturbed=4, num_controls=4, contexts_per_step=4)
   return c

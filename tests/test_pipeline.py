@@ -224,12 +224,16 @@ def test_evaluation_batches_cover_the_test_plates(written):
 
 def test_whole_plates_stream_in_fixed_chunks(written):
   store, items, fold = written
-  plates, contexts = data.whole_plates(store, fold.test[:2])
-  assert plates == tuple(fold.test[:2]) and len(contexts) == 2
-  chunks = list(data.context_chunks(store, contexts[1], chunk_size=8, crop_size=CROP))
+  plan = data.whole_plates(store, fold.test[:2], chunk_size=8)
+  assert plan.plates == tuple(fold.test[:2]) and len(plan.contexts) == 6   # 20 rows: 3 chunks each
+  second = [c for c in plan.contexts if c.plate == 1]
+  chunks = list(data.read_chunks(store, second, crop_size=CROP))
   assert len(chunks) == 3 and all(c['images'].shape == (8, CROP, CROP, 5) for c in chunks)
   rows = np.concatenate([c['rows'] for c in chunks])
-  np.testing.assert_array_equal(rows[:20], contexts[1].rows)
+  table = store.table[store.table['Metadata_Plate'] == fold.test[1]].sort_values('row')
+  in_order = np.concatenate([table.loc[~table['is_control'], 'row'],    # perturbed, then controls
+                             table.loc[table['is_control'], 'row']])
+  np.testing.assert_array_equal(rows[:20], in_order)
   assert (rows[20:] == -1).all() and chunks[-1]['mask'].sum() == 4
   np.testing.assert_array_equal(chunks[0]['images'], items[rows[:8], 2:18, 2:18])
 

@@ -12,6 +12,10 @@ padding (row -1, label -1, mask 0) up to N + K rows.
     ctxs  = label_shift_contexts(index, 64, 128, alpha=0.5, seed=5678)
     ctxs  = whole_plate_contexts(index)                       # one variable-size context per plate
 
+An evaluation decides once what it reads: ``evaluation_plan`` / ``whole_plate_plan`` index the
+plates, report what was skipped or short, and return every fixed-size context in reading order
+(padding included); ``pipeline`` only reads a plan.
+
 Sampling is without replacement. A plate with fewer than N perturbed or K control images gives each
 of them once, topped up by draws with replacement (``too_few='replace'``, the reference's choice)
 or by masked padding (``too_few='pad'``, which keeps duplicates out of the statistics);
@@ -27,10 +31,11 @@ from __future__ import annotations
 import functools
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from absl import logging
 
 TOO_FEW = ('replace', 'pad')
 REQUIRED_COLUMNS = ('Metadata_Plate', 'is_control', 'label', 'row')
@@ -159,6 +164,26 @@ def too_few_report(index: PlateIndex, num_perturbed: int, num_controls: int) -> 
           if len(r) < num_perturbed or len(c) < num_controls}
 
 
+def index_report(what: str, index: PlateIndex, too_few: dict[str, dict] | None = None,
+                 too_few_mode: str = 'replace', **extra) -> dict[str, Any]:
+  """Logs (warning) and returns what was skipped and which plates have too few images."""
+  too_few = too_few or {}
+  report = {'plates': len(index.plates), 'skipped_plates': index.skipped_plates,
+            'skipped_rows': index.skipped_rows, 'too_few': too_few, 'too_few_mode': too_few_mode,
+            **extra}
+  if index.skipped_plates:
+    logging.warning('%s: skipped %d plates: %s', what, len(index.skipped_plates),
+                    index.skipped_plates)
+  if index.skipped_rows:
+    logging.warning('%s: skipped %d perturbed rows with unusable labels, per plate: %s', what,
+                    sum(index.skipped_rows.values()), index.skipped_rows)
+  if too_few:
+    logging.warning('%s: %d plates have too few images for a full context (their contexts %s): %s',
+                    what, len(too_few), 'repeat images' if too_few_mode == 'replace' else
+                    'are padded', too_few)
+  return report
+
+
 def check_too_few(too_few: str) -> None:
   if too_few not in TOO_FEW:
     raise ContextError(f'too_few must be one of {TOO_FEW}, got {too_few!r}')
@@ -264,3 +289,71 @@ def whole_plate_contexts(index: PlateIndex) -> list[Context]:
   """One context per plate: all its perturbed images then all its controls (variable size)."""
   return [_context(p, index.perturbed[p], index.labels[p], index.controls[p], None)
           for p in range(len(index.plates))]
+
+
+def chunk_context(context: Context, chunk_size: int) -> list[Context]:
+  """A (large) context as consecutive contexts of ``chunk_size`` rows, the last one padded."""
+  out = []
+  for start in range(0, len(context.rows), chunk_size):
+    n = min(chunk_size, len(context.rows) - start)
+    chunk = padding_context(chunk_size)
+    chunk.rows[:n] = context.rows[start:start + n]
+    chunk.labels[:n] = context.labels[start:start + n]
+    chunk.is_control[:n] = context.is_control[start:start + n]
+    out.append(Context(context.plate, chunk.rows, chunk.labels, chunk.is_control))
+  return out
+
+
+@dataclass(frozen=True)
+class Plan:
+  """What an evaluation reads, decided once: fixed-size contexts in reading order (padding
+  contexts included), ``plates`` that their ``plate`` field indexes, and ``report`` (what was
+  skipped, short or left out; also logged)."""
+  plates: tuple[str, ...]
+  contexts: tuple[Context, ...]
+  report: dict[str, Any]
+
+
+def evaluation_plan(table: pd.DataFrame, plates: Sequence[str], *, num_classes: int,
+                    num_perturbed: int, num_controls: int, contexts_per_batch: int, seed: int,
+                    chunking: str = 'consecutive', label_shift_alpha: float | None = None,
+                    too_few: str = 'replace', max_images_per_plate: int | None = None,
+                    require_labels: bool = True, skip_bad: bool = False) -> Plan:
+  """The contexts of an evaluation of ``plates``: ``evaluation_contexts`` (every perturbed image
+  exactly once) or, ``label_shift_alpha`` given, ``label_shift_contexts``; then fully-masked
+  contexts up to a multiple of ``contexts_per_batch``."""
+  check_too_few(too_few)
+  index = index_plates(table, plates, num_classes=num_classes, require_controls=num_controls > 0,
+                       require_labels=require_labels, skip_bad=skip_bad, part='evaluation')
+  if label_shift_alpha is None:
+    contexts = evaluation_contexts(index, num_perturbed, num_controls, seed, chunking, too_few,
+                                   max_images_per_plate)
+  else:
+    contexts = label_shift_contexts(index, num_perturbed, num_controls, label_shift_alpha, seed,
+                                    num_classes, too_few=too_few)
+  counts = {'num_contexts': len(contexts), 'perturbed_images': sum(len(p) for p in index.perturbed)}
+  if label_shift_alpha is None:   # each image at most once (label-shift contexts may repeat them)
+    counts['perturbed_images_served'] = sum(int(((c.rows >= 0) & ~c.is_control).sum())
+                                            for c in contexts)
+    if counts['perturbed_images_served'] < counts['perturbed_images']:   # max_images_per_plate
+      logging.warning('evaluation: %d of %d perturbed images (max_images_per_plate=%s)',
+                      counts['perturbed_images_served'], counts['perturbed_images'],
+                      max_images_per_plate)
+  report = index_report('evaluation', index, too_few_report(index, 0, num_controls), too_few,
+                        **counts)
+  padding = -len(contexts) % contexts_per_batch
+  contexts += [padding_context(num_perturbed + num_controls)] * padding
+  return Plan(index.plates, tuple(contexts), report)
+
+
+def whole_plate_plan(table: pd.DataFrame, plates: Sequence[str], *, num_classes: int,
+                     chunk_size: int, require_controls: bool = True, require_labels: bool = True,
+                     skip_bad: bool = False) -> Plan:
+  """Each plate's ``whole_plate_contexts`` cut into contexts of ``chunk_size`` rows (the last of
+  each plate padded), plate after plate: stream a plate's chunks, e.g. into
+  ``adaptation.plate_statistics``."""
+  index = index_plates(table, plates, num_classes=num_classes, require_controls=require_controls,
+                       require_labels=require_labels, skip_bad=skip_bad, part='evaluation')
+  report = index_report('whole-plate evaluation', index)
+  chunks = [c for plate in whole_plate_contexts(index) for c in chunk_context(plate, chunk_size)]
+  return Plan(index.plates, tuple(chunks), report)

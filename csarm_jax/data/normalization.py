@@ -18,6 +18,7 @@ import math
 from typing import Sequence
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
@@ -53,12 +54,24 @@ class NormStats:
     return cls.from_json(epath.Path(path).read_text())
 
 
-def normalize(x, stats: NormStats) -> jnp.ndarray:
-  """Integer crops (..., C) or feature vectors (..., D) to normalised float32. Jit-able."""
+def normalize(x, stats: NormStats, constants: tuple | None = None) -> jnp.ndarray:
+  """Integer crops (..., C) or feature vectors (..., D) to normalised float32. Jit-able.
+
+  ``constants``: ``device_constants(stats)``, for calls outside ``jit`` that must not transfer
+  the statistics implicitly (the same operations, so the same numbers)."""
+  scale, mean, std = constants if constants is not None else (
+      jnp.float32(1.0 / stats.max_value), jnp.asarray(stats.mean, jnp.float32),
+      jnp.asarray(stats.std, jnp.float32))
   x = jnp.asarray(x).astype(jnp.float32)
   if stats.kind == 'images':
-    x = x * jnp.float32(1.0 / stats.max_value)
-  return (x - jnp.asarray(stats.mean, jnp.float32)) / jnp.asarray(stats.std, jnp.float32)
+    x = x * scale
+  return (x - mean) / std
+
+
+def device_constants(stats: NormStats) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(scale, mean, std) of ``normalize``, put on the default device explicitly."""
+  return jax.device_put((np.float32(1.0 / stats.max_value), np.asarray(stats.mean, np.float32),
+                         np.asarray(stats.std, np.float32)))
 
 
 def _integer_moments(store, rows: np.ndarray, chunk_size: int) -> tuple[int, list[int], list[int]]:

@@ -38,12 +38,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
-from absl import logging
 
 from csarm_jax.data import augment
 from csarm_jax.data.buffers import BufferPool
 from csarm_jax.data import contexts as ctx_lib
-from csarm_jax.data.contexts import Context, PlateIndex
+from csarm_jax.data.contexts import Context
 
 Batch = dict[str, np.ndarray]
 SAMPLINGS = ('plate', 'mixed')   # how training contexts are drawn (Method.train_sampling)
@@ -161,25 +160,6 @@ def _batch_pool(prefetch_buffer_size: int) -> BufferPool:
   return BufferPool(prefetch_buffer_size + 2)
 
 
-def _log_report(what: str, index: PlateIndex, too_few: dict[str, dict] | None = None,
-                too_few_mode: str = 'replace', **extra) -> dict[str, Any]:
-  """Logs (warning) and returns what was skipped and which plates have too few images."""
-  too_few = too_few or {}
-  report = {'plates': len(index.plates), 'skipped_plates': index.skipped_plates,
-            'skipped_rows': index.skipped_rows, 'too_few': too_few, 'too_few_mode': too_few_mode,
-            **extra}
-  if index.skipped_plates:
-    logging.warning('%s: skipped %d plates: %s', what, len(index.skipped_plates), index.skipped_plates)
-  if index.skipped_rows:
-    logging.warning('%s: skipped %d perturbed rows with unusable labels, per plate: %s', what,
-                    sum(index.skipped_rows.values()), index.skipped_rows)
-  if too_few:
-    logging.warning('%s: %d plates have too few images for a full context (their contexts %s): %s',
-                    what, len(too_few), 'repeat images' if too_few_mode == 'replace' else 'are padded',
-                    too_few)
-  return report
-
-
 def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                      num_controls: int = 128, contexts_per_batch: int = 8,
                      crop_size: int | None = 256, flips: bool = True, sampling: str = 'plate',
@@ -209,7 +189,7 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
     total = len(index.all_perturbed[0])
     too_few_plates = {'(all plates)': {'perturbed': total}} if total < num_perturbed else {}
     sample = lambda rng: ctx_lib.mixed_context(index, rng, num_perturbed, too_few)
-  report = _log_report('training', index, too_few_plates, too_few,
+  report = ctx_lib.index_report('training', index, too_few_plates, too_few,
                        num_perturbed_images=int(sum(len(r) for r in index.perturbed)))
 
   prefetch_buffer_size = _read_ahead(num_threads, prefetch_buffer_size)
@@ -233,44 +213,39 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                        num_controls: int = 128, contexts_per_batch: int = 8,
                        crop_size: int | None = 256, seed: int = 1234,
                        chunking: str = 'consecutive', label_shift_alpha: float | None = None,
-                       too_few: str = 'replace',
-                       max_images_per_plate: int | None = None,
+                       too_few: str = 'replace', max_images_per_plate: int | None = None,
                        require_labels: bool = True, process_index: int = 0,
                        process_count: int = 1, skip_bad: bool = False, num_threads: int = 2,
                        prefetch_buffer_size: int | None = None) -> Batches:
-  """Evaluation batches over ``plates``: centre crops, the last batch padded with fully-masked
-  contexts. Default: ``contexts.evaluation_contexts`` (every perturbed image exactly once);
-  ``label_shift_alpha`` given: ``contexts.label_shift_contexts``. ``require_labels=False`` admits
-  unlabelled perturbed images (label -1), for prediction."""
+  """Evaluation batches over ``plates``: centre crops of the contexts of
+  ``contexts.evaluation_plan`` (every perturbed image once, or label-shift contexts when
+  ``label_shift_alpha`` is given), the last batch padded with fully-masked contexts.
+  ``require_labels=False`` admits unlabelled perturbed images (label -1), for prediction."""
+  plan = ctx_lib.evaluation_plan(
+      store.table, plates, num_classes=len(store.class_ids), num_perturbed=num_perturbed,
+      num_controls=num_controls, contexts_per_batch=contexts_per_batch, seed=seed,
+      chunking=chunking, label_shift_alpha=label_shift_alpha, too_few=too_few,
+      max_images_per_plate=max_images_per_plate, require_labels=require_labels, skip_bad=skip_bad)
+  return read_plan(store, plan, contexts_per_batch, crop_size, process_index, process_count,
+                   num_threads, prefetch_buffer_size)
+
+
+def read_plan(store, plan: ctx_lib.Plan, contexts_per_batch: int, crop_size: int | None,
+              process_index: int = 0, process_count: int = 1, num_threads: int = 2,
+              prefetch_buffer_size: int | None = None) -> Batches:
+  """A plan's contexts read in order as batches of ``contexts_per_batch`` (centre crops), this
+  process's share of each."""
   _check_sharding(contexts_per_batch, process_index, process_count)
-  ctx_lib.check_too_few(too_few)           # at start, not when a short plate is first drawn
-  index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids),
-                               require_controls=num_controls > 0, require_labels=require_labels,
-                               skip_bad=skip_bad, part='evaluation')
-  if label_shift_alpha is None:
-    contexts = ctx_lib.evaluation_contexts(index, num_perturbed, num_controls, seed, chunking,
-                                           too_few, max_images_per_plate)
-  else:
-    contexts = ctx_lib.label_shift_contexts(index, num_perturbed, num_controls, label_shift_alpha,
-                                            seed, len(store.class_ids), too_few)
-  counts = {'num_contexts': len(contexts), 'perturbed_images': sum(len(p) for p in index.perturbed)}
-  if label_shift_alpha is None:   # each image at most once (label-shift contexts may repeat them)
-    counts['perturbed_images_served'] = sum(int(((c.rows >= 0) & ~c.is_control).sum())
-                                            for c in contexts)
-    if counts['perturbed_images_served'] < counts['perturbed_images']:   # max_images_per_plate
-      logging.warning('evaluation: %d of %d perturbed images (max_images_per_plate=%s)',
-                      counts['perturbed_images_served'], counts['perturbed_images'],
-                      max_images_per_plate)
-  report = _log_report('evaluation', index, ctx_lib.too_few_report(index, 0, num_controls), too_few,
-                       **counts)
-  num_batches = -(-len(contexts) // contexts_per_batch)
-  contexts += [ctx_lib.padding_context(num_perturbed + num_controls)] * (
-      num_batches * contexts_per_batch - len(contexts))
-  settings = dict(what='evaluation', N=num_perturbed, K=num_controls, C=contexts_per_batch,
-                  crop=crop_size, seed=seed, chunking=chunking, alpha=label_shift_alpha,
-                  too_few=too_few,
-                  max_images_per_plate=max_images_per_plate,
-                  plates=list(index.plates))
+  contexts = plan.contexts
+  num_batches = len(contexts) // contexts_per_batch
+  if num_batches * contexts_per_batch != len(contexts):
+    raise ValueError(f'the plan has {len(contexts)} contexts, not a multiple of '
+                     f'{contexts_per_batch} contexts per batch')
+  digest = hashlib.sha256()
+  for c in contexts:
+    digest.update(c.rows.tobytes())
+  settings = dict(what='evaluation', C=contexts_per_batch, crop=crop_size,
+                  rows=digest.hexdigest(), plates=list(plan.plates))
   prefetch_buffer_size = _read_ahead(num_threads, prefetch_buffer_size)
   pool = _batch_pool(prefetch_buffer_size)
   contexts_of = lambda indices: read_contexts(store, [contexts[g] for g in indices], crop_size,
@@ -278,31 +253,23 @@ def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   build = lambda start: _local_batches(contexts_of, start, num_batches, contexts_per_batch,
                                        process_index, process_count, num_threads,
                                        prefetch_buffer_size)
-  return Batches(build, num_batches, _fingerprint(settings), index.plates, report)
+  return Batches(build, num_batches, _fingerprint(settings), plan.plates, plan.report)
 
 
-def whole_plates(store, plates: Sequence[str], *, require_controls: bool = True,
-                 require_labels: bool = True, skip_bad: bool = False
-                 ) -> tuple[tuple[str, ...], list[Context]]:
-  """(plates, contexts): one context per plate, all its perturbed images and controls. Stream
-  each with ``context_chunks`` (e.g. into ``adaptation.plate_statistics``)."""
-  index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids),
-                               require_controls=require_controls, require_labels=require_labels,
-                               skip_bad=skip_bad, part='evaluation')
-  _log_report('whole-plate evaluation', index)
-  return index.plates, ctx_lib.whole_plate_contexts(index)
+def whole_plates(store, plates: Sequence[str], *, chunk_size: int = 256,
+                 require_controls: bool = True, require_labels: bool = True,
+                 skip_bad: bool = False) -> ctx_lib.Plan:
+  """``contexts.whole_plate_plan`` of ``plates``: each plate's images and controls as contexts of
+  ``chunk_size`` rows, to stream with ``read_chunks``."""
+  return ctx_lib.whole_plate_plan(store.table, plates, num_classes=len(store.class_ids),
+                                  chunk_size=chunk_size, require_controls=require_controls,
+                                  require_labels=require_labels, skip_bad=skip_bad)
 
 
-def context_chunks(store, context: Context, chunk_size: int = 256,
-                   crop_size: int | None = 256) -> Iterator[Batch]:
-  """A (large) context as consecutive fixed-shape chunks of ``chunk_size`` rows, centre-cropped,
-  the last one padded (mask 0): a fresh iterator on every call, memory bounded by one chunk."""
-  for start in range(0, len(context.rows), chunk_size):
-    rows = context.rows[start:start + chunk_size]
-    n = len(rows)
-    pad = ctx_lib.padding_context(chunk_size)
-    pad.rows[:n], pad.labels[:n] = rows, context.labels[start:start + n]
-    pad.is_control[:n] = context.is_control[start:start + n]
-    batch = read_contexts(store, [Context(context.plate, pad.rows, pad.labels, pad.is_control)],
-                          crop_size)
+def read_chunks(store, chunks: Sequence[Context], crop_size: int | None = 256
+                ) -> Iterator[Batch]:
+  """Fixed-size contexts (e.g. one plate's chunks of a ``whole_plates`` plan) read one at a
+  time, centre-cropped, without the context axis: memory bounded by one chunk."""
+  for chunk in chunks:
+    batch = read_contexts(store, [chunk], crop_size)
     yield {k: v[0] for k, v in batch.items()}

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
+from csarm_jax import adaptation
 from csarm_jax.nn import CONTEXT, RUNNING, RUNNING_STATS
 
 STATISTICS_FROM = ('context', 'controls')
@@ -58,6 +60,29 @@ class Method:
       return out, updates[RUNNING_STATS]
     norm = RUNNING if (not train and self.eval_norm == RUNNING) else CONTEXT
     return model.apply(variables, x, norm=norm, weights=weights, **kwargs), variables[RUNNING_STATS]
+
+
+  def test_statistics(self, model: nn.Module, variables: dict[str, Any],
+                      chunks: Callable[[], Iterable[tuple[jax.Array, np.ndarray, np.ndarray]]]
+                      ) -> Any:
+    """The statistics that normalise a whole test set under this rule, streamed exactly from
+    ``chunks()`` (fresh chunks of the set and its controls: device images, host mask and
+    is_control) with ``adaptation.plate_statistics``; controls count only for methods that use
+    them at test. None for methods that normalise test images with running averages."""
+    if self.eval_norm == RUNNING:
+      return None
+    def weighted():
+      for x, mask, is_control in chunks():
+        use = mask * (~is_control | self.eval_controls)     # drop controls if unused
+        yield x, self.weights(*jax.device_put((use, is_control)))
+    return adaptation.plate_statistics(model, variables, chunks=weighted)
+
+  def test_logits(self, model: nn.Module, variables: dict[str, Any], stats: Any,
+                  x: jax.Array) -> jax.Array:
+    """Logits of test images ``x`` normalised with ``test_statistics``' value."""
+    if self.eval_norm == RUNNING:
+      return model.apply(variables, x, norm=RUNNING)
+    return adaptation.predict(model, variables, stats, x)
 
 
 def labelled_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ...]:

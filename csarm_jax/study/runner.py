@@ -100,20 +100,22 @@ def _run_config(config: ml_collections.ConfigDict, method: str, fold: int, seed:
   return cfg
 
 
+def spec_protocol(base: protocol.Protocol, spec: EvalSpec) -> protocol.Protocol:
+  """The test protocol of one evaluation: the run's, with the spec's swept values."""
+  swept = {k: v for k, v in (('num_perturbed', spec.num_perturbed),
+                             ('num_controls', spec.num_controls)) if v is not None}
+  return dataclasses.replace(base, max_images_per_plate=spec.max_images_per_plate, **swept)
+
+
 def _evaluate(exp, eval_step, variables, spec: EvalSpec) -> dict[str, Any]:
-  cfg = ml_collections.ConfigDict(exp.config.to_dict())
-  if spec.num_perturbed is not None:
-    cfg.eval.num_perturbed = spec.num_perturbed
-  if spec.num_controls is not None:
-    cfg.eval.num_controls = spec.num_controls
-  cfg.eval.max_images_per_plate = spec.max_images_per_plate
-  variant = dataclasses.replace(exp, config=cfg)
+  rule = spec_protocol(exp.protocol, spec)
   plates = getattr(exp.fold, spec.part)
   mode = 'label_shift' if spec.alpha is not None else 'chunks'
-  frame, _ = protocol.evaluate(variant, eval_step, variables, plates, mode, spec.alpha)
+  with jax.transfer_guard(exp.config.train.transfer_guard):
+    frame, _ = protocol.evaluate(exp, eval_step, variables, plates, rule, mode, spec.alpha)
   summary = metrics_lib.summarize(frame, exp.store.class_names)
-  return {'num_perturbed': cfg.eval.num_perturbed,
-          'num_controls': cfg.eval.num_controls if exp.method.eval_controls else 0,
+  return {'num_perturbed': rule.num_perturbed,
+          'num_controls': rule.num_controls if exp.method.eval_controls else 0,
           'alpha': spec.alpha, **{k: summary[k] for k in ('num_images', 'accuracy',
                                                            'balanced_accuracy', 'macro_f1',
                                                            'well_accuracy')}}
@@ -170,14 +172,15 @@ def embedding_frame(config: ml_collections.ConfigDict, workdir: str, method_name
   trainer = next(t for t, members in training_groups(list(config.methods)).items()
                  if method_name in members)
   run_dir = trainer_dir(workdir, trainer, fold, seed)
-  cfg = _run_config(config, method_name, fold, seed)
-  cfg.eval.max_images_per_plate = config.embedding.max_images_per_plate
-  exp = experiment.build(cfg, run_dir)
+  exp = experiment.build(_run_config(config, method_name, fold, seed), run_dir)
   variables = loop.restore_variables(exp, run_dir)
   eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh,
                                  with_features=True)
   plates = tuple(p for part in config.embedding.parts for p in getattr(exp.fold, part))
-  frame, _ = protocol.evaluate(exp, eval_step, variables, plates)
+  rule = dataclasses.replace(exp.protocol,
+                             max_images_per_plate=config.embedding.max_images_per_plate)
+  with jax.transfer_guard(exp.config.train.transfer_guard):
+    frame, _ = protocol.evaluate(exp, eval_step, variables, plates, rule)
   frame['method'] = method_name
   return frame
 

@@ -21,6 +21,7 @@ from csarm_jax import methods, models
 from csarm_jax.data import normalization, splits
 from csarm_jax.data.contexts import TOO_FEW
 from csarm_jax.data.store import ImageStore, StoreError, open_store
+from csarm_jax.evaluation.protocol import Protocol
 from csarm_jax.methods import Method
 from csarm_jax import parallel
 
@@ -41,6 +42,7 @@ class Experiment:
   mesh: Mesh
   steps_per_epoch: int
   total_steps: int                 # upper bound: early stopping may end sooner
+  protocol: Protocol               # how held-out plates are evaluated
 
   def preprocess(self, images: jax.Array) -> jax.Array:
     """The one input transform of training, evaluation and prediction."""
@@ -228,7 +230,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     raise ConfigError(f'config.model: {e}') from None
   steps_per_epoch, total_steps = schedule_length(config, store, fold)
   return Experiment(config, store, fold, norm, model, method, make_optimizer(config, total_steps), mesh,
-                    steps_per_epoch, total_steps)
+                    steps_per_epoch, total_steps, Protocol.from_config(config, store.kind))
 
 
 def model_spec(exp) -> dict[str, Any]:
@@ -239,9 +241,7 @@ def model_spec(exp) -> dict[str, Any]:
           'method': exp.method.name, 'store_kind': exp.store.kind,
           'channels': exp.store.channels,
           'classes': [{'id': i, 'name': n} for i, n in zip(exp.store.class_ids, exp.store.class_names)],
-          'crop_size': c.data.crop_size if exp.store.kind == 'images' else None,
-          'eval': {'num_perturbed': c.eval.num_perturbed, 'num_controls': c.eval.num_controls,
-                   'seed': c.eval.seed, 'too_few': c.data.too_few}}
+          'crop_size': exp.protocol.crop_size, 'eval': exp.protocol.spec()}
 
 
 def model_options(config: ml_collections.ConfigDict, store: ImageStore) -> dict[str, Any]:

@@ -22,13 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import ml_collections
-import pandas as pd
 from absl import logging
 from tqdm import tqdm
 
 from csarm_jax.data import pipeline
-from csarm_jax.evaluation import metrics as metrics_lib
-from csarm_jax.evaluation import protocol
+from csarm_jax.evaluation import protocol, suite
 from csarm_jax import nested, parallel
 from csarm_jax.training import checkpoint, experiment
 from csarm_jax.training.metrics_log import MetricsLog
@@ -127,7 +125,9 @@ def train(exp: experiment.Experiment, workdir: str,
   step = int(state.step)
   eval_every = c.train.eval_every_epochs * exp.steps_per_epoch
   pending: list[dict[str, jax.Array]] = []
-  window_start, window_images = time.perf_counter(), 0
+  window_start = time.perf_counter()
+  profiler = _Profiler(c.train.profile_steps, c.train.profile_dir or
+                       os.path.join(workdir, 'profile'), first_step=step)
 
   def save(which: str) -> None:
     ckpt.save(which, step, state, batches.get_state(), meta, config_record)
@@ -136,8 +136,12 @@ def train(exp: experiment.Experiment, workdir: str,
   try:
     with _SigtermFlag() as sigterm:
       while step < exp.total_steps and not meta['stopped_early']:
-        state, metrics = step_fn(state, parallel.global_batch(next(batches), exp.mesh))
+        profiler.before(step)
+        with jax.profiler.StepTraceAnnotation('train', step_num=step + 1), \
+             jax.transfer_guard(c.train.transfer_guard):
+          state, metrics = step_fn(state, parallel.global_batch(next(batches), exp.mesh))
         step += 1
+        profiler.after(step, state)
         pending.append(metrics)
         bar.update(1)
         if on_step is not None:
@@ -145,31 +149,16 @@ def train(exp: experiment.Experiment, workdir: str,
         evaluate_now = step % eval_every == 0
         checkpoint_now = bool(c.train.checkpoint_every_steps) and \
             step % c.train.checkpoint_every_steps == 0
+        saving = evaluate_now or checkpoint_now or sigterm.raised
         # Metrics come to the host at logging steps -- and before anything is saved, so a state
         # whose loss went NaN is never written as 'latest' or 'best' nor validated.
-        if (step % c.train.log_every_steps == 0 or step == exp.total_steps or evaluate_now or
-            checkpoint_now or sigterm.raised):
-          summary = _reduce(jax.device_get(pending))
-          pending = []
-          window_images += summary.pop('images')
-          elapsed = time.perf_counter() - window_start
-          summary['images_per_s'] = window_images / max(elapsed, 1e-9)
-          window_start, window_images = time.perf_counter(), 0
-          log.write(step, summary, 'train')
-          bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['accuracy']:.3f}",
-                          img_s=f"{summary['images_per_s']:.0f}")
-          saving = evaluate_now or checkpoint_now or sigterm.raised
-          if not np.isfinite(summary['loss']) or (saving and not bool(_all_finite(state.params))):
-            ckpt.save(checkpoint.DIVERGED, step, state, batches.get_state(), meta, config_record)
+        if step % c.train.log_every_steps == 0 or step == exp.total_steps or saving:
+          summary = _log_metrics(pending, window_start, step, log, bar)
+          pending, window_start = [], time.perf_counter()
+          if not np.isfinite(summary['loss']) or (saving and not _all_finite(state.params)):
+            save(checkpoint.DIVERGED)
             ckpt.wait()
-            good = ckpt.latest_step(checkpoint.LATEST)
-            raise FloatingPointError(
-                f'training diverged by step {step}: loss {summary["loss"]}, or parameters not '
-                f'finite (checked at logging steps and before every save). The diverged state is in '
-                f'{workdir}/checkpoints/{checkpoint.DIVERGED}; '
-                + (f'the checkpoint before it (step {good}) is in checkpoints/{checkpoint.LATEST}, which '
-                   f'a re-run resumes from. ' if good is not None else 'no earlier state was saved. ')
-                + 'Lower config.optimizer.learning_rate or check the inputs.')
+            raise _diverged(step, summary['loss'], workdir, ckpt.latest_step(checkpoint.LATEST))
         if evaluate_now:
           meta['epoch'] = step // exp.steps_per_epoch
           _validate(exp, eval_step, state, step, meta, log)
@@ -189,9 +178,59 @@ def train(exp: experiment.Experiment, workdir: str,
       state = ckpt.restore(checkpoint.BEST, abstract)[0]
     return state, meta
   finally:
+    profiler.close()
     bar.close()
     log.close()
     ckpt.close()
+
+
+class _Profiler:
+  """Captures a profile (``jax.profiler`` trace) of ``steps`` training steps into ``directory``:
+  those after the first step this process runs, which compiles. ``steps`` 0: off."""
+
+  def __init__(self, steps: int, directory: str, first_step: int):
+    self.start, self.stop, self.directory = first_step + 1, first_step + 1 + steps, directory
+    self.active = False
+
+  def before(self, step: int) -> None:
+    """Called before running step ``step + 1``."""
+    if step == self.start and self.stop > self.start:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state: Any) -> None:
+    """Called after step ``step``; ``state`` is awaited so the trace holds the device work."""
+    if self.active and step >= self.stop:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info('profile written to %s', self.directory)
+
+
+def _log_metrics(pending: list[dict[str, jax.Array]], since: float, step: int, log: MetricsLog,
+                 bar: tqdm) -> dict[str, float]:
+  """Brings the steps' metrics to the host, logs their summary and images/s since ``since``."""
+  summary = _reduce(jax.device_get(pending))
+  images = summary.pop('images')
+  summary['images_per_s'] = images / max(time.perf_counter() - since, 1e-9)
+  log.write(step, summary, 'train')
+  bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['accuracy']:.3f}",
+                  img_s=f"{summary['images_per_s']:.0f}")
+  return summary
+
+
+def _diverged(step: int, loss: float, workdir: str, good: int | None) -> FloatingPointError:
+  return FloatingPointError(
+      f'training diverged by step {step}: loss {loss}, or parameters not finite (checked at '
+      f'logging steps and before every save). The diverged state is in '
+      f'{workdir}/checkpoints/{checkpoint.DIVERGED}; '
+      + (f'the checkpoint before it (step {good}) is in checkpoints/{checkpoint.LATEST}, which '
+         f'a re-run resumes from. ' if good is not None else 'no earlier state was saved. ')
+      + 'Lower config.optimizer.learning_rate or check the inputs.')
 
 
 def restore_variables(exp: experiment.Experiment, workdir: str) -> dict[str, Any]:
@@ -207,8 +246,12 @@ def restore_variables(exp: experiment.Experiment, workdir: str) -> dict[str, Any
   return restored[0].variables
 
 
+def _all_finite(tree) -> bool:
+  return bool(jax.device_get(_all_finite_on_device(tree)))
+
+
 @jax.jit
-def _all_finite(tree) -> jax.Array:
+def _all_finite_on_device(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -226,7 +269,9 @@ def _validate(exp, eval_step, state, step: int, meta: dict[str, Any], log: Metri
   if not exp.fold.validation:
     meta['best_step'] = step        # nothing to select on: the newest state is the best
     return
-  frame, result = protocol.evaluate(exp, eval_step, state.variables, exp.fold.validation)
+  with jax.transfer_guard(exp.config.train.transfer_guard):
+    frame, result = protocol.evaluate(exp, eval_step, state.variables, exp.fold.validation,
+                                      exp.protocol)
   accuracy = float((frame['pred'] == frame['label']).mean())
   meta['history'].append({'step': step, 'epoch': meta['epoch'], 'val_loss': result['loss'],
                           'val_accuracy': accuracy})
@@ -239,49 +284,6 @@ def _validate(exp, eval_step, state, step: int, meta: dict[str, Any], log: Metri
       meta['stopped_early'] = True
       logging.info('early stopping at step %d: no validation improvement in %d evaluations',
                    step, exp.config.train.patience)
-
-
-def evaluation_settings(exp) -> list[tuple[str, str, Any, tuple[str, ...]]]:
-  """(part, mode, alpha, plates) for every evaluation the config asks for."""
-  parts = [('test', exp.fold.test), ('unseen_batches', exp.fold.unseen_batches),
-           ('in_domain', exp.fold.in_domain), ('validation', exp.fold.validation)]
-  settings = []
-  for part, plates in parts:
-    if not plates:
-      continue
-    settings.append((part, 'chunks', None, plates))
-    if exp.config.eval.whole_plate:
-      settings.append((part, 'whole_plate', None, plates))
-    for alpha in exp.config.eval.label_shift_alphas:
-      settings.append((part, 'label_shift', float(alpha), plates))
-  return settings
-
-
-def evaluate_all(exp, variables, workdir: str) -> dict[str, Any]:
-  """Evaluates every held-out part and mode; writes predictions and metrics under workdir/eval."""
-  eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
-  out_dir = os.path.join(workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
-  results = {}
-  for part, mode, alpha, plates in evaluation_settings(exp):
-    name = f'{part}.{mode}' + (f'_alpha{alpha:g}' if alpha is not None else '')
-    frame, extra = protocol.evaluate(exp, eval_step, variables, plates, mode, alpha)
-    summary = {**metrics_lib.summarize(frame, exp.store.class_names), **extra,
-               'part': part, 'mode': mode, 'alpha': alpha, 'num_plates': len(plates)}
-    results[name] = summary
-    if jax.process_index() == 0:
-      frame.to_parquet(os.path.join(out_dir, f'{name}.predictions.parquet'), index=False)
-      metrics_lib.well_predictions(frame, len(exp.store.class_ids)).to_csv(
-          os.path.join(out_dir, f'{name}.wells.csv'), index=False)
-      metrics_lib.write(summary, exp.store.class_names, os.path.join(out_dir, name))
-  return results
-
-
-def summary_table(results: dict[str, Any]) -> str:
-  rows = [{'evaluation': name, 'images': r['num_images'], 'accuracy': r['accuracy'],
-           'balanced_acc': r['balanced_accuracy'], 'macro_f1': r['macro_f1'],
-           'well_acc': r['well_accuracy']} for name, r in results.items()]
-  return pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:.3f}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -305,7 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                exp.fold.description, exp.method.name, config.model.name, exp.mesh.size,
                exp.steps_per_epoch, exp.total_steps)
   state, meta = train(exp, workdir, on_step)
-  results = evaluate_all(exp, state.variables, workdir) if config.eval.final_evaluation else {}
+  results = {}
+  if config.eval.final_evaluation:
+    with jax.transfer_guard(config.train.transfer_guard):
+      results = suite.evaluate_all(exp, state.variables, exp.protocol, workdir)
   final = {'method': exp.method.name, 'fold': exp.fold.name, 'seed': config.seed,
            'best_step': meta['best_step'], 'stopped_early': meta['stopped_early'],
            'evaluated_step': int(state.step), 'evaluations': results}
@@ -313,5 +318,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(final, f, indent=1)
     if results:
-      print(f'\n{exp.method.name} | {exp.fold.description}\n{summary_table(results)}', flush=True)
+      print(f'\n{exp.method.name} | {exp.fold.description}\n{suite.summary_table(results)}', flush=True)
   return final

@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
       'eval_every_epochs': 1,
       'log_every_steps': 50,
       'checkpoint_every_steps': 500,
+      'profile_steps': 0,           # trace this many steps (after the first) with jax.profiler
+      'profile_dir': config_dict.placeholder(str),   # None: workdir/profile (TensorBoard)
+      'transfer_guard': 'allow',    # 'disallow': implicit host<->device transfers in the step
+                                    # and evaluation loops raise (the tests' setting)
   })
 
   c.eval = ml_collections.ConfigDict({
