@@ -318,5 +318,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(final, f, indent=1)
     if results:
-      print(f'\n{exp.method.name} | {exp.fold.description}\n{suite.summary_table(results)}', flush=True)
+      print(f'\n{exp.method.name} | {exp.fold.description}\n'
+            f'{suite.summary_table(results)}', flush=True)
   return final
