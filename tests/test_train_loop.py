@@ -173,6 +173,8 @@ def test_nan_loss_stops_with_a_saved_checkpoint(store_path, tmp_path):
     ('train.eval_every_epochs', 0, 'config.train.eval_every_epochs: must be >= 1'),
     ('optimizer.name', 'lamb', "config.optimizer.name: unknown optimizer 'lamb'"),
     ('optimizer.schedule', 'step', "config.optimizer.schedule: unknown schedule 'step'"),
+    ('train.transfer_guard', 'never', "config.train.transfer_guard: must be one of"),
+    ('train.profile_steps', -1, 'config.train.profile_steps: must be >= 0'),
 ])
 def test_bad_configs_fail_at_start_naming_the_field(store_path, tmp_path, field, value, message):
   config = tiny_config(store_path)

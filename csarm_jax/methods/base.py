@@ -61,7 +61,6 @@ class Method:
     norm = RUNNING if (not train and self.eval_norm == RUNNING) else CONTEXT
     return model.apply(variables, x, norm=norm, weights=weights, **kwargs), variables[RUNNING_STATS]
 
-
   def test_statistics(self, model: nn.Module, variables: dict[str, Any],
                       chunks: Callable[[], Iterable[tuple[jax.Array, np.ndarray, np.ndarray]]]
                       ) -> Any:
@@ -71,6 +70,7 @@ class Method:
     them at test. None for methods that normalise test images with running averages."""
     if self.eval_norm == RUNNING:
       return None
+
     def weighted():
       for x, mask, is_control in chunks():
         use = mask * (~is_control | self.eval_controls)     # drop controls if unused

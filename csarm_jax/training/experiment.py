@@ -77,6 +77,11 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
            'data.prefetch', f'{config.data.prefetch} batches read ahead would let grain run only '
            f'{config.data.prefetch} of data.num_threads={config.data.num_threads} threads; set '
            f'prefetch >= num_threads (or 0 to read in the training thread)')
+  guards = ('allow', 'log', 'disallow')
+  _require(config.train.transfer_guard in guards, 'train.transfer_guard',
+           f'must be one of {guards}, got {config.train.transfer_guard!r}')
+  _require(config.train.profile_steps >= 0, 'train.profile_steps',
+           f'must be >= 0, got {config.train.profile_steps}')
   _require(config.data.too_few in TOO_FEW, 'data.too_few',
            f'must be one of {TOO_FEW}, got {config.data.too_few!r}')
   method = methods.get(config.method)
