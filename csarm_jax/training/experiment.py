@@ -77,7 +77,10 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
            f'prefetch >= num_threads (or 0 to read in the training thread)')
   _require(config.data.too_few in TOO_FEW, 'data.too_few',
            f'must be one of {TOO_FEW}, got {config.data.too_few!r}')
-  method = methods.get(config.method)
+  try:
+    method = methods.get(config.method, **dict(config.get('method_options') or {}))
+  except ValueError as e:
+    raise ConfigError(f'config.method_options: {e}') from None
   if method.train_controls:
     _require(config.data.num_controls >= 1, 'data.num_controls',
              f'{method.name} trains on contexts with the plate\'s controls: K must be >= 1 '

@@ -10,6 +10,9 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | cs_arm_bn | ben
+  # Method fields a run may change. statistics_gradient: whether training gradients flow through
+  # the context's BatchNorm statistics (False: constants, the reference's BEN; see jump_reference).
+  c.method_options = ml_collections.ConfigDict({'statistics_gradient': True})
   c.seed = 0                        # parameters and training contexts
   c.store = config_dict.placeholder(str)   # image store path or URL (file://, gs://, s3://)
 
