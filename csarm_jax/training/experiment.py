@@ -135,7 +135,8 @@ def make_run_folds(config: ml_collections.ConfigDict, store: ImageStore) -> list
                              validation_by=s.validation_by,
                              validation_fraction=s.validation_fraction,
                              in_domain_fraction=s.in_domain_fraction,
-                             unseen_batches_fraction=s.unseen_batches_fraction, seed=s.seed)
+                             unseen_batches_fraction=s.unseen_batches_fraction, seed=s.seed,
+                             sources=s.get('sources'))
   except splits.SplitError as e:
     raise ConfigError(f'config.split: {e}') from None
 
