@@ -44,7 +44,7 @@ def test_reference_training_choices_per_method(name, jump_store):
   assert (c.data.num_perturbed, c.optimizer.learning_rate, c.optimizer.schedule,
           c.train.patience, c.train.max_epochs) == (64, 1e-3, 'constant', 20, 200)
   model = models.create(c.model.name, 8, in_channels=5, **c.model.options)
-  assert model.head_pool == 'global' and model.zero_init_last_bn is False
+  assert model.head_pool == 'reference' and model.zero_init_last_bn is False
 
 
 @pytest.mark.parametrize('variant, kind', [('new_batches', 'Metadata_Batch'),

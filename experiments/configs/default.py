@@ -102,7 +102,8 @@ def jump_reference(c: ml_collections.ConfigDict, setting: str | None = None
   """The paper's JUMP configs: the reference's training choices (README, "Differences from the
   reference implementation") and its data setting.
 
-  - every BatchNorm scale starts at 1 (the reference has no zero-init of the last BN);
+  - every BatchNorm scale starts at 1 (the reference has no zero-init of the last BN), and the
+    head pools as the reference's (border rows of the 8x8 map weigh less at 256 px);
   - ERM-style methods: one optimizer update per batch of N = 64 mixed images, BatchNorm over that
     batch (contexts_per_step=1; on D > 1 devices use D, i.e. D batches of 64 per update), with the
     released script's trainer settings, which are the defaults (Adam 1e-3, no schedule, early
@@ -113,6 +114,7 @@ def jump_reference(c: ml_collections.ConfigDict, setting: str | None = None
   'new_batches' / 'new_plates' -- within source_3, leave-batches-out / leave-plates-out (5 folds).
   """
   c.model.options.zero_init_last_bn = False
+  c.model.options.head_pool = 'reference'    # AvgPool(7, stride 1), then a mean (equal at 224 px)
   if c.method in ERM_STYLE:
     c.data.contexts_per_step = 1
   if c.method == 'ben':
