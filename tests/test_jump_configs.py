@@ -75,3 +75,16 @@ def test_cross_source_is_the_released_script(jump_store):
   assert [f.name for f in folds] == ['source=source_3', 'source=source_8']
   with pytest.raises(ValueError, match='setting must be cross_source'):
     _config('ben', 'new_wells')
+
+
+def test_erm_takes_one_update_per_batch_of_64(jump_store):
+  """The reference's ERM epoch: training perturbed images / N updates (CS-ARM-BN: / (N * 8));
+  N = 2 here instead of 64, for the fixture's few images."""
+  for name, per_update in (('erm', 2), ('csarmbn', 2 * 8)):
+    c = _config(name)
+    c.data.num_perturbed = 2
+    fold = experiment.make_run_folds(c, jump_store)[0]
+    t = jump_store.table
+    n = int((t['Metadata_Plate'].isin(fold.train) & (t['label'] >= 0)).sum())
+    steps, _ = experiment.schedule_length(c, jump_store, fold)
+    assert steps == math.ceil(n / per_update) and n > 2 * 8
