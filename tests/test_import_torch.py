@@ -2,6 +2,7 @@
 (written here from its description) and its converted export give the same logits."""
 import collections
 import os
+import subprocess
 import sys
 
 import jax
@@ -154,18 +155,21 @@ def _import_torch_script():
 
 
 def test_import_then_predict_round_trip(tmp_path):
-  """.pt file -> export -> prediction of a store: the reference model's probabilities on the
-  context of every perturbed image with all of the plate's controls, through the store's channel
+  """.pt file -> import_torch.py -> export -> prediction of a store: the reference model's
+  probabilities on the context of every perturbed image with all of the plate's controls, through the store's channel
   order and the reference's normalisation."""
   model = _random_reference(seed=1)
   torch.save(model.state_dict(), tmp_path / 'ref.pt')
   _, images = write_store(tmp_path / 'store', sources=('source_3',), batches_per_source=1,
                           plates_per_batch=1, perturbed_per_plate=6, controls_per_plate=4,
                           item_shape=(224, 224, 5), shard_items=10)
-  arrays = _import_torch_script().read_state_dict(str(tmp_path / 'ref.pt'))
-  out = torch_import.import_reference(arrays, str(tmp_path / 'export'), crop_size=224,
-                                      eval_protocol={'num_perturbed': 8, 'num_controls': 4})
-  member = inference.load(out)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'experiments', 'import_torch.py'),
+       f'--state_dict={tmp_path / "ref.pt"}', f'--out={tmp_path / "export"}', '--crop_size=224',
+       '--num_perturbed=8', '--num_controls=4'], capture_output=True, text=True, env=env)
+  assert result.returncode == 0 and '(320 tensors)' in result.stdout, result.stderr[-3000:]
+  member = inference.load(str(tmp_path / 'export'))
   assert member.spec['channels'] == list(data.CHANNELS)
   assert member.spec['provenance']['tensors_ignored'] == 53
   frame, wells = inference.predict_store([member], data.open_store(str(tmp_path / 'store')))
@@ -193,6 +197,18 @@ def test_bad_state_dicts_and_channels_are_named():
     torch_import.convert_state_dict({k: v for k, v in arrays.items() if '.layer3.5.' not in k})
   with pytest.raises(ValueError, match='not a reordering'):
     torch_import.channel_order(torch_import.REFERENCE_CHANNELS, ('DNA', 'ER', 'RNA', 'AGP', 'BF'))
+
+
+def test_bad_checkpoint_file_is_one_line(tmp_path):
+  torch.save({'conv.weight': torch.zeros(2, 2)}, tmp_path / 'other.pt')
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'import_torch.py'),
+                           f'--state_dict={tmp_path / "other.pt"}', f'--out={tmp_path / "x"}'],
+                          capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      f"error: {tmp_path / 'other.pt'}: featurizer.conv1.weight is missing: not a state_dict of the "
+      "reference's Featurizer"]
 
 
 def test_missing_torch_is_one_line(monkeypatch):
