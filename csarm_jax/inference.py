@@ -95,7 +95,8 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
     raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export')
   state, _, meta, which = restored
   provenance = {'workdir': os.path.abspath(workdir), 'checkpoint': which, 'step': int(state.step),
-                'best_val_loss': meta.get('best_val_loss'), 'fold': fold, 'config': config.to_dict()}
+                'best_val_loss': meta.get('best_val_loss'), 'fold': fold,
+                'config': config.to_dict()}
   return write_export(out, {'params': state.params, 'batch_stats': state.batch_stats}, spec, norm,
                       provenance)
 

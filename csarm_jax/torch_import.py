@@ -4,8 +4,8 @@
     import_reference(arrays, out, channels=CHANNELS)       # -> an export predict.py loads
 
 The reference's model (``Featurizer``: its ResNet-50 + ``Linear(2048, classes)``) is csarm-jax's
-``resnet50`` with ``downsample='avgpool'`` and ``head_pool='reference'``; its ``state_dict`` keys map
-one to one (``featurizer.conv1`` -> ``stem_conv``, ``featurizer.layer{k}.{i}.conv{j}`` ->
+``resnet50`` with ``downsample='avgpool'`` and ``head_pool='reference'``; its ``state_dict`` keys
+map one to one (``featurizer.conv1`` -> ``stem_conv``, ``featurizer.layer{k}.{i}.conv{j}`` ->
 ``stage{k}_block{i}/conv{j}``, ``downsample.0/.1`` -> ``shortcut_conv/_bn``, ``classifier`` ->
 ``head``), convolutions OIHW -> HWIO, BatchNorm weight/bias -> scale/bias and running mean/var ->
 ``batch_stats``. The first convolution's input channels and the normalisation statistics are
@@ -35,7 +35,8 @@ IGNORED_SUFFIX = '.num_batches_tracked'        # PyTorch's BN step counter: noth
 
 _BN = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
        'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
-_BLOCK = re.compile(r'featurizer\.layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1)\.(\w+)$')
+_BLOCK = re.compile(
+    r'featurizer\.layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1)\.(\w+)$')
 _RENAME = {'downsample.0': 'shortcut_conv', 'downsample.1': 'shortcut_bn'}
 _TOP = re.compile(r'(featurizer\.conv1|featurizer\.bn1|classifier)\.(\w+)$')
 _TOP_NAMES = {'featurizer.conv1': 'stem_conv', 'featurizer.bn1': 'stem_bn', 'classifier': 'head'}
@@ -46,7 +47,7 @@ class StateDictError(ValueError):
 
 
 def _target(key: str) -> tuple[str, str, str] | None:
-  """(collection, layer path, leaf) of a state_dict key, or None if the key is not the reference's."""
+  """(collection, layer path, leaf) of a state_dict key; None if it is not the reference's."""
   m = _BLOCK.match(key)
   if m:
     stage, block, layer, leaf = m.groups()

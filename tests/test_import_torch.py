@@ -116,7 +116,8 @@ def test_reference_state_dict_keys_convert_at_full_width():
   assert len(arrays) == 320
   assert {'featurizer.conv1.weight', 'featurizer.bn1.running_var', 'classifier.bias',
           'featurizer.layer1.0.downsample.0.weight', 'featurizer.layer4.0.downsample.1.weight',
-          'featurizer.layer3.5.conv3.weight', 'featurizer.layer4.2.bn3.num_batches_tracked'} <= set(arrays)
+          'featurizer.layer3.5.conv3.weight',
+          'featurizer.layer4.2.bn3.num_batches_tracked'} <= set(arrays)
   variables, options, ignored = torch_import.convert_state_dict(arrays)
   assert ignored == 53 and options['width'] == 64 and options['head_pool'] == 'reference'
   assert variables['params']['stem_conv']['kernel'].shape == (7, 7, 5, 64)
@@ -156,8 +157,8 @@ def _import_torch_script():
 
 def test_import_then_predict_round_trip(tmp_path):
   """.pt file -> import_torch.py -> export -> prediction of a store: the reference model's
-  probabilities on the context of every perturbed image with all of the plate's controls, through the store's channel
-  order and the reference's normalisation."""
+  probabilities on the context of every perturbed image with all of the plate's controls,
+  through the store's channel order and the reference's normalisation."""
   model = _random_reference(seed=1)
   torch.save(model.state_dict(), tmp_path / 'ref.pt')
   _, images = write_store(tmp_path / 'store', sources=('source_3',), batches_per_source=1,
@@ -207,8 +208,8 @@ def test_bad_checkpoint_file_is_one_line(tmp_path):
                           env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
-      f"error: {tmp_path / 'other.pt'}: featurizer.conv1.weight is missing: not a state_dict of the "
-      "reference's Featurizer"]
+      f"error: {tmp_path / 'other.pt'}: featurizer.conv1.weight is missing: not a state_dict of "
+      "the reference's Featurizer"]
 
 
 def test_missing_torch_is_one_line(monkeypatch):

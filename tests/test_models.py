@@ -93,7 +93,8 @@ def test_reference_head_pool_weighs_border_rows_as_the_reference(size):
   cover = np.array([sum(s <= i < s + 7 for s in range(size - 6)) for i in range(size)], float)
   w = np.outer(cover, cover) / np.outer(cover, cover).sum()
   expected = np.einsum('nhwc,hw->nc', x, w)
-  np.testing.assert_allclose(_head_pool(jnp.asarray(x), 'reference'), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_head_pool(jnp.asarray(x), 'reference'), expected, rtol=1e-5,
+                             atol=1e-6)
   np.testing.assert_allclose(_head_pool(jnp.asarray(x), 'global'), x.mean((1, 2)), rtol=1e-5,
                              atol=1e-6)
   if size == 8:     # notes: border rows weigh 1/14, inner rows 2/14

@@ -126,8 +126,8 @@ def make_folds(table: pd.DataFrame, kind: str = 'source', num_folds: int | None 
   if sources is not None:
     unknown = sorted(set(sources) - set(table['Metadata_Source']))
     if unknown or not len(sources):
-      raise SplitError(f'sources {list(sources)}: {unknown or "none"} not in column Metadata_Source '
-                       f'(it holds {sorted(table["Metadata_Source"].unique())})')
+      raise SplitError(f'sources {list(sources)}: {unknown or "none"} not in column '
+                       f'Metadata_Source (it holds {sorted(table["Metadata_Source"].unique())})')
     table = table[table['Metadata_Source'].isin(sources)]
   column = SPLIT_KINDS[kind]
   groups = np.sort(table[column].unique())

@@ -4,9 +4,9 @@ Matches the reference backbone's choices (ml-jku/cs-arm-bn ``plt/model/resnet.py
 stem + 3x3 max-pool; in ``'avgpool'`` downsampling the main path downsamples with an average pool
 after its 3x3 conv and the shortcut is AvgPool -> 1x1 conv -> BN (ResNet-D style); ``'strided'`` is
 the standard torchvision form. Head: ``head_pool='global'``, true global average pooling, or
-``'reference'``, the reference's AvgPool(7, stride 1) followed by a mean over what remains (at 256 px
-the last map is 8x8 and border rows weigh 1/14, inner rows 2/14; at 224 px both are identical), then
-a float32 Dense.
+``'reference'``, the reference's AvgPool(7, stride 1) followed by a mean over what remains (at
+256 px the last map is 8x8 and border rows weigh 1/14, inner rows 2/14; at 224 px both are
+identical), then a float32 Dense.
 """
 from __future__ import annotations
 
