@@ -1,7 +1,7 @@
 """The reference's PyTorch checkpoints (ml-jku/cs-arm-bn) as csarm-jax exports.
 
-    variables, spec = convert_state_dict(arrays)           # {key: numpy array} -> flax variables
-    import_reference(arrays, out, channels=CHANNELS)       # -> an export predict.py loads
+    variables, options, ignored = convert_state_dict(arrays)   # {key: numpy array} -> flax
+    import_reference(arrays, out, channels=CHANNELS)           # -> an export predict.py loads
 
 The reference's model (``Featurizer``: its ResNet-50 + ``Linear(2048, classes)``) is csarm-jax's
 ``resnet50`` with ``downsample='avgpool'`` and ``head_pool='reference'``; its ``state_dict`` keys
