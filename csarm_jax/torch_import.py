@@ -10,7 +10,7 @@ map one to one (``featurizer.conv1`` -> ``stem_conv``, ``featurizer.layer{k}.{i}
 ``head``), convolutions OIHW -> HWIO, BatchNorm weight/bias -> scale/bias and running mean/var ->
 ``batch_stats``. The first convolution's input channels and the normalisation statistics are
 reordered from the reference's channel order (RNA, ER, AGP, Mito, DNA) to the target store's. This
-module works on numpy arrays; reading a ``.pt`` file (torch) is ``experiments/import_torch.py``'s.
+module works on numpy arrays; only ``read_state_dict`` (a ``.pt`` file) imports torch, when called.
 """
 from __future__ import annotations
 
@@ -74,6 +74,27 @@ def _to_flax(key: str, value: np.ndarray) -> np.ndarray:
   if key == 'classifier.weight':             # Linear (out, in) -> Dense (in, out)
     return value.T
   return value
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """{key: float32 numpy array} of a torch ``.pt`` state_dict (tensors only, no pickled code)."""
+  try:
+    import torch
+  except ImportError:
+    raise StateDictError("reading a PyTorch checkpoint needs torch: pip install -e '.[torch]'"
+                         ) from None
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line message
+    raise StateDictError(f'not a readable PyTorch state_dict ({type(e).__name__}: {e})') from None
+  if isinstance(state, dict) and 'state_dict' in state:
+    state = state['state_dict']
+  if not isinstance(state, dict):
+    raise StateDictError(f'holds a {type(state).__name__}, not a state_dict')
+  bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+  if bad:
+    raise StateDictError(f'entry {bad[0]!r} is not a tensor ({len(bad)} such entries)')
+  return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
 def layout(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -34,30 +34,10 @@ _NUM_CONTROLS = flags.DEFINE_integer('num_controls', 128, 'Same-plate controls p
 flags.mark_flags_as_required(['state_dict', 'out'])
 
 
-def read_state_dict(path: str) -> dict:
-  """{key: float32 numpy array} of a torch .pt state_dict (tensors only, no pickled code)."""
-  try:
-    import torch
-  except ImportError:
-    raise SystemExit("error: reading a PyTorch checkpoint needs torch: pip install -e '.[torch]'")
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line message
-    raise SystemExit(f'error: {path}: not a readable PyTorch state_dict ({type(e).__name__}: {e})')
-  if isinstance(state, dict) and 'state_dict' in state:
-    state = state['state_dict']
-  if not isinstance(state, dict):
-    raise SystemExit(f'error: {path}: holds a {type(state).__name__}, not a state_dict')
-  bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-  if bad:
-    raise SystemExit(f'error: {path}: entry {bad[0]!r} is not a tensor ({len(bad)} such entries)')
-  return {k: v.detach().float().numpy() for k, v in state.items()}
-
-
 def main(argv):
   del argv
-  arrays = read_state_dict(_STATE_DICT.value)
   try:
+    arrays = torch_import.read_state_dict(_STATE_DICT.value)
     path = torch_import.import_reference(
         arrays, _OUT.value, channels=_CHANNELS.value, reference_channels=_REF_CHANNELS.value,
         mean=[float(v) for v in _MEAN.value], std=[float(v) for v in _STD.value],

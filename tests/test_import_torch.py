@@ -146,15 +146,6 @@ def test_converted_model_gives_the_reference_logits(tmp_path, size):
   assert np.std(expected, axis=0).min() > 0.02     # the context-mode logits differ across images
 
 
-def _import_torch_script():
-  sys.path.insert(0, os.path.join(REPO, 'experiments'))
-  try:
-    import import_torch
-  finally:
-    sys.path.pop(0)
-  return import_torch
-
-
 def test_import_then_predict_round_trip(tmp_path):
   """.pt file -> import_torch.py -> export -> prediction of a store: the reference model's
   probabilities on the context of every perturbed image with all of the plate's controls,
@@ -212,8 +203,7 @@ def test_bad_checkpoint_file_is_one_line(tmp_path):
       "the reference's Featurizer"]
 
 
-def test_missing_torch_is_one_line(monkeypatch):
-  script = _import_torch_script()
+def test_missing_torch_is_named(monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)
-  with pytest.raises(SystemExit, match=r"^error: reading a PyTorch checkpoint needs torch"):
-    script.read_state_dict('x.pt')
+  with pytest.raises(ValueError, match=r"^reading a PyTorch checkpoint needs torch: pip install"):
+    torch_import.read_state_dict('x.pt')
