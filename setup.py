@@ -36,5 +36,6 @@ setup(
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5'],
         'cuda12': ['jax[cuda12]>=0.10.0'],
         'tpu': ['jax[tpu]>=0.10.0'],
+        'torch': ['torch==2.13.0'],   # only to read the reference's checkpoints (import_torch.py)
     },
 )

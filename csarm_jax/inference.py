@@ -95,14 +95,24 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   if restored is None:
     raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export')
   state, _, meta, which = restored
+  provenance = {'workdir': os.path.abspath(workdir), 'checkpoint': which, 'step': int(state.step),
+                'best_val_loss': meta.get('best_val_loss'), 'fold': fold,
+                'config': config.to_dict()}
+  return write_export(out, {'params': state.params, 'batch_stats': state.batch_stats}, spec, norm,
+                      provenance)
+
+
+def write_export(out: str, variables: dict[str, Any], spec: dict[str, Any],
+                 norm: normalization.NormStats, provenance: dict[str, Any]) -> str:
+  """Writes ``out/variables`` ({'params', 'batch_stats'}, orbax) and ``out/inference.json`` (the
+  model spec as ``model_spec`` writes it, the normalisation and where the weights came from)."""
   os.makedirs(out, exist_ok=True)
   variables_dir = os.path.join(os.path.abspath(out), VARIABLES)
   with ocp.StandardCheckpointer() as saver:
-    saver.save(variables_dir, {'params': state.params, 'batch_stats': state.batch_stats}, force=True)
+    saver.save(variables_dir, {'params': variables['params'],
+                               'batch_stats': variables['batch_stats']}, force=True)
   info = {'format_version': FORMAT_VERSION, **spec, 'normalization': json.loads(norm.to_json()),
-          'provenance': {'workdir': os.path.abspath(workdir), 'checkpoint': which,
-                         'step': int(state.step), 'best_val_loss': meta.get('best_val_loss'),
-                         'fold': fold, 'config': config.to_dict()}}
+          'provenance': provenance}
   with open(os.path.join(out, INFERENCE), 'w') as f:
     json.dump(info, f, indent=1)
   return out

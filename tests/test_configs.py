@@ -18,7 +18,9 @@ def test_jumpcp_is_the_papers_setting_with_the_named_method(variant):
   # 1e-3 without schedule, patience 20, at most 200 epochs, leave-one-source-out, 15 % of the
   # training batches for validation.
   assert (c.model.name, c.model.dtype, c.data.crop_size) == ('resnet50', 'float32', 256)
-  assert (c.data.num_perturbed, c.data.num_controls, c.data.contexts_per_step) == (64, 128, 8)
+  assert (c.data.num_perturbed, c.data.num_controls) == (64, 128)
+  # the reference's ERM / AdaBN: one update per batch (tests/test_jump_configs.py)
+  assert c.data.contexts_per_step == (1 if c.method in default.ERM_STYLE else 8)
   assert (c.eval.num_perturbed, c.eval.num_controls) == (64, 128)
   assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.schedule) == \
       ('adam', 1e-3, 'constant')
@@ -28,7 +30,8 @@ def test_jumpcp_is_the_papers_setting_with_the_named_method(variant):
   assert c.store is None and c.synthetic.preset is None
 
 
-def test_jumpcp_differs_from_the_defaults_only_in_the_method():
-  expected = default.get_config().to_dict()
+def test_jumpcp_differs_from_the_defaults_only_in_the_method_and_reference_choices():
   for name in methods.METHODS:
-    assert jumpcp.get_config(name).to_dict() == {**expected, 'method': name}
+    expected = default.get_config()
+    expected.method = name
+    assert jumpcp.get_config(name).to_dict() == default.jump_reference(expected).to_dict()

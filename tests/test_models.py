@@ -83,3 +83,28 @@ def test_bad_model_names_and_options():
   with pytest.raises(ValueError, match="downsample must be"):
     models.init_variables(models.create('resnet18', 8, downsample='conv'), jax.random.key(0),
                           jnp.zeros((1, 32, 32, 5)))
+
+
+@pytest.mark.parametrize('size', [7, 8, 9])
+def test_reference_head_pool_weighs_border_rows_as_the_reference(size):
+  """AvgPool(7, stride 1) then a mean: a position counts once per 7-window covering it."""
+  from csarm_jax.models.resnet import _head_pool
+  x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  cover = np.array([sum(s <= i < s + 7 for s in range(size - 6)) for i in range(size)], float)
+  w = np.outer(cover, cover) / np.outer(cover, cover).sum()
+  expected = np.einsum('nhwc,hw->nc', x, w)
+  np.testing.assert_allclose(_head_pool(jnp.asarray(x), 'reference'), expected, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(_head_pool(jnp.asarray(x), 'global'), x.mean((1, 2)), rtol=1e-5,
+                             atol=1e-6)
+  if size == 8:     # notes: border rows weigh 1/14, inner rows 2/14
+    np.testing.assert_allclose(cover / cover.sum(), [1 / 14] + [2 / 14] * 6 + [1 / 14])
+
+
+def test_reference_head_pool_needs_a_7x7_map():
+  model = models.create('resnet18', 2, width=4, head_pool='reference')
+  with pytest.raises(ValueError, match="head_pool='reference' pools 7x7"):
+    models.init_variables(model, jax.random.key(0), jnp.zeros((1, 64, 64, 5)))
+  with pytest.raises(ValueError, match='head_pool must be'):
+    models.init_variables(models.create('resnet18', 2, width=4, head_pool='max'), jax.random.key(0),
+                          jnp.zeros((1, 64, 64, 5)))

@@ -111,3 +111,14 @@ def test_held_out_parts_of_the_training_sources():
   assert [f.validation for f in plain] == [f.validation for f in folds]   # extras do not move it
   with pytest.raises(splits.SplitError, match='in_domain_fraction must be in'):
     splits.make_folds(TABLE, in_domain_fraction=1.0)
+
+
+def test_sources_restrict_every_part():
+  folds = splits.make_folds(TABLE, kind='batch', num_folds=4, validation_by='plate', sources=['S1'])
+  s1 = set(TABLE.loc[TABLE['Metadata_Source'] == 'S1', 'Metadata_Plate'])
+  assert set().union(*(f.test for f in folds)) == s1
+  for f in folds:
+    assert set(f.train) | set(f.validation) | set(f.test) == s1
+    assert f.settings['sources'] == ['S1']
+  with pytest.raises(splits.SplitError, match=r"\['S9'\] not in column Metadata_Source"):
+    splits.make_folds(TABLE, kind='plate', num_folds=2, sources=['S1', 'S9'])

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import csarm_jax as cj
-from csarm_jax import methods, models, parallel
+from csarm_jax import methods, models, parallel, training
 from csarm_jax.evaluation.step import make_eval_step
 from csarm_jax.nn import RUNNING_STATS
 from csarm_jax.training import checkpoint
@@ -141,3 +141,45 @@ def test_checkpoint_with_the_dropped_rng_field_restores(tmp_path):
   ckpt.close()
   assert isinstance(restored, TrainState) and (data, meta) == ({'next_batch': 5}, {'epoch': 1})
   chex.assert_trees_all_equal(restored, state.replace(step=state.step + 5))
+
+
+def test_ben_without_statistics_gradient_holds_the_control_statistics_constant():
+  """statistics_gradient=False (the reference's BEN): the update is that of the loss with each
+  context's control statistics computed apart and passed in as constants; the loss is unchanged
+  and the default (gradient through the statistics) gives a different update."""
+  model, _, state, default_step = make('ben', tx=optax.sgd(0.1))
+  method = methods.get('ben', statistics_gradient=False)
+  step = training.make_train_step(model, method, optax.sgd(0.1), preprocess)
+  batch = make_batch()
+  new_state, metrics = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch))
+
+  def oracle(params):
+    variables = {'params': params, RUNNING_STATS: state.batch_stats}
+    losses = []
+    for c in range(batch['images'].shape[0]):
+      x = preprocess(jnp.asarray(batch['images'][c]))
+      labels = batch['labels'][c]
+      stats = jax.lax.stop_gradient(cj.adapt(model, variables, x[batch['is_control'][c]]))
+      logits = cj.predict(model, variables, stats, x[labels >= 0])
+      logp = jax.nn.log_softmax(logits)
+      losses.append(-jnp.mean(logp[jnp.arange(len(logits)), labels[labels >= 0]]))
+    return jnp.mean(jnp.stack(losses))
+
+  loss, grads = jax.value_and_grad(oracle)(state.params)
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
+  chex.assert_trees_all_close(new_state.params, jax.tree.map(lambda p, g: p - 0.1 * g, state.params,
+                                                             grads), rtol=1e-4, atol=1e-6)
+  default_state, default_metrics = jax.jit(default_step)(state, jax.tree.map(jnp.asarray, batch))
+  np.testing.assert_allclose(default_metrics['loss'], loss, rtol=1e-5)
+  differs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), default_state.params,
+                         new_state.params)
+  assert max(jax.tree.leaves(differs)) > 1e-4
+
+
+def test_method_options_are_checked():
+  assert methods.get('ben', statistics_gradient=False).statistics_gradient is False
+  assert methods.get('ben') is methods.BEN
+  with pytest.raises(ValueError, match="unknown method option 'momentum'"):
+    methods.get('ben', momentum=0.1)
+  with pytest.raises(ValueError, match='statistics_gradient=False is for context-statistics'):
+    methods.get('erm', statistics_gradient=False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,7 +100,7 @@ def _hold_out(table: pd.DataFrame, train_plates: tuple[str, ...], name: str, by:
 def make_folds(table: pd.DataFrame, kind: str = 'source', num_folds: int | None = None,
                validation_by: str = 'batch', validation_fraction: float = 0.15,
                in_domain_fraction: float = 0.0, unseen_batches_fraction: float = 0.0,
-               seed: int = 0) -> list[Fold]:
+               seed: int = 0, sources: Sequence[str] | None = None) -> list[Fold]:
   """Folds over the table's plates (see the module docstring).
 
   kind: 'source' (leave-one-source-out: one fold per source, ``num_folds`` must be None),
@@ -108,6 +108,8 @@ def make_folds(table: pd.DataFrame, kind: str = 'source', num_folds: int | None 
   After validation, ``unseen_batches_fraction`` of the remaining training batches and then
   ``in_domain_fraction`` of the remaining training plates are held out as extra test parts, so one
   trained model is also scored on new batches and new plates of the labs it was trained on.
+  ``sources`` restricts every part to the plates of these sources (None: all), e.g. the paper's
+  within-source setting on source_3 of a store that holds sources 3 and 8.
   """
   if kind not in SPLIT_KINDS:
     raise SplitError(f'kind must be one of {sorted(SPLIT_KINDS)}, got {kind!r}')
@@ -121,6 +123,12 @@ def make_folds(table: pd.DataFrame, kind: str = 'source', num_folds: int | None 
   absent = [c for c in set(SPLIT_KINDS.values()) if c not in table.columns]
   if absent:
     raise SplitError(f'the table lacks columns {sorted(absent)}')
+  if sources is not None:
+    unknown = sorted(set(sources) - set(table['Metadata_Source']))
+    if unknown or not len(sources):
+      raise SplitError(f'sources {list(sources)}: {unknown or "none"} not in column '
+                       f'Metadata_Source (it holds {sorted(table["Metadata_Source"].unique())})')
+    table = table[table['Metadata_Source'].isin(sources)]
   column = SPLIT_KINDS[kind]
   groups = np.sort(table[column].unique())
   if len(groups) < 2:
@@ -140,6 +148,8 @@ def make_folds(table: pd.DataFrame, kind: str = 'source', num_folds: int | None 
   settings = {'kind': kind, 'num_folds': len(test_groups), 'validation_by': validation_by,
               'validation_fraction': validation_fraction, 'in_domain_fraction': in_domain_fraction,
               'unseen_batches_fraction': unseen_batches_fraction, 'seed': seed}
+  if sources is not None:
+    settings['sources'] = sorted(sources)
   all_plates = tuple(sorted(table['Metadata_Plate'].unique()))
   folds = []
   for i, held in enumerate(test_groups):

@@ -1,4 +1,6 @@
 """Methods by name. Each is a small value (see base.Method) read by the one shared loop."""
+import dataclasses
+
 from csarm_jax.methods.adabn import ADABN, ADABN_CONTROLS
 from csarm_jax.methods.arm_bn import ARM_BN
 from csarm_jax.methods.base import Method, labelled_cross_entropy
@@ -7,9 +9,16 @@ from csarm_jax.methods.cs_arm_bn import CS_ARM_BN
 from csarm_jax.methods.erm import ERM
 
 METHODS = {m.name: m for m in (ERM, ADABN, ADABN_CONTROLS, ARM_BN, CS_ARM_BN, BEN)}
+OPTIONS = {'statistics_gradient'}   # fields a config may set (config.method_options)
 
 
-def get(name: str) -> Method:
+def get(name: str, **options) -> Method:
+  """The method ``name``, with ``options`` replacing fields (e.g. ``statistics_gradient=False``)."""
   if name not in METHODS:
     raise ValueError(f'unknown method {name!r}; choose one of {sorted(METHODS)}')
-  return METHODS[name]
+  if not options:
+    return METHODS[name]
+  unknown = sorted(set(options) - OPTIONS)
+  if unknown:
+    raise ValueError(f'unknown method option {unknown[0]!r}; choose from {sorted(OPTIONS)}')
+  return dataclasses.replace(METHODS[name], **options)

@@ -15,7 +15,7 @@ import numpy as np
 import flax.linen as nn
 
 from csarm_jax import adaptation
-from csarm_jax.nn import CONTEXT, RUNNING, RUNNING_STATS
+from csarm_jax.nn import CONTEXT, CONTEXT_CONSTANT, RUNNING, RUNNING_STATS
 
 STATISTICS_FROM = ('context', 'controls')
 
@@ -29,6 +29,8 @@ class Method:
   running_stats: bool = False     # train running averages (ERM-style) ...
   eval_norm: str = CONTEXT        # ... and normalise test images with them ('running') or not
   statistics_from: str = 'context'  # 'context': every real row | 'controls': the controls alone
+  statistics_gradient: bool = True  # training gradients flow through the context statistics
+                                    # (False: they are constants, as the reference's BEN)
 
   def __post_init__(self):
     if self.train_sampling not in ('plate', 'mixed'):
@@ -41,6 +43,9 @@ class Method:
         self.statistics_from == 'controls' and not (self.train_controls and self.eval_controls)):
       raise ValueError(f'{self.name}: statistics_from must be one of {STATISTICS_FROM}; '
                        "'controls' needs controls in every context")
+    if not self.statistics_gradient and self.running_stats:
+      raise ValueError(f'{self.name}: statistics_gradient=False is for context-statistics methods; '
+                       'ERM-style training keeps the gradient through its batch statistics')
 
   def weights(self, mask: jax.Array, is_control: jax.Array) -> jax.Array:
     """Per-row weights of a context's BatchNorm statistics: 0 for padding (and, for BEN, for
@@ -58,7 +63,10 @@ class Method:
       out, updates = model.apply(variables, x, norm=CONTEXT, weights=weights,
                                  mutable=[RUNNING_STATS], **kwargs)
       return out, updates[RUNNING_STATS]
-    norm = RUNNING if (not train and self.eval_norm == RUNNING) else CONTEXT
+    if not train:
+      norm = RUNNING if self.eval_norm == RUNNING else CONTEXT
+    else:
+      norm = CONTEXT if self.statistics_gradient else CONTEXT_CONSTANT
     return model.apply(variables, x, norm=norm, weights=weights, **kwargs), variables[RUNNING_STATS]
 
   def test_statistics(self, model: nn.Module, variables: dict[str, Any],

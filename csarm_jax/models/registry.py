@@ -23,7 +23,8 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
   """Builds a model. ``dtype`` may be given as a string ('float32', 'bfloat16').
 
   Image models take ``in_channels`` (default 5), ResNets also ``width``, ``downsample``
-  ('avgpool' | 'strided') and ``zero_init_last_bn``; the MLP needs ``in_features``.
+  ('avgpool' | 'strided'), ``zero_init_last_bn`` and ``head_pool`` ('global' | 'reference');
+  the MLP needs ``in_features``.
   """
   if name not in _MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(_MODELS)}')

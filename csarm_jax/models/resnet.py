@@ -3,8 +3,10 @@
 Matches the reference backbone's choices (ml-jku/cs-arm-bn ``plt/model/resnet.py``): 7x7 stride-2
 stem + 3x3 max-pool; in ``'avgpool'`` downsampling the main path downsamples with an average pool
 after its 3x3 conv and the shortcut is AvgPool -> 1x1 conv -> BN (ResNet-D style); ``'strided'`` is
-the standard torchvision form. Head: true global average pooling (the reference's AvgPool(7) at
-256 px weights border rows slightly less; at 224 px both are identical) and a float32 Dense.
+the standard torchvision form. Head: ``head_pool='global'``, true global average pooling, or
+``'reference'``, the reference's AvgPool(7, stride 1) followed by a mean over what remains (at
+256 px the last map is 8x8 and border rows weigh 1/14, inner rows 2/14; at 224 px both are
+identical), then a float32 Dense.
 """
 from __future__ import annotations
 
@@ -18,6 +20,21 @@ import flax.linen as nn
 from csarm_jax.nn import ContextBatchNorm
 
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')   # as torch kaiming_normal_
+
+
+HEAD_POOLS = ('global', 'reference')
+
+
+def _head_pool(x: jax.Array, kind: str) -> jax.Array:
+  """(N, H, W, C) -> (N, C) in float32: a global mean, or the reference's AvgPool(7, stride 1)
+  (its windows overlap, so rows near the border are counted less) then a mean."""
+  x = x.astype(jnp.float32)
+  if kind == 'reference':
+    if min(x.shape[1:3]) < 7:
+      raise ValueError(f"head_pool='reference' pools 7x7 windows: the last stage's map is "
+                       f'{x.shape[1]}x{x.shape[2]} (use inputs of at least 224 px)')
+    x = nn.avg_pool(x, (7, 7), strides=(1, 1))
+  return jnp.mean(x, axis=(1, 2))
 
 
 def _avg_pool(x: jax.Array, stride: int) -> jax.Array:
@@ -94,6 +111,7 @@ class ResNet(nn.Module):
   width: int = 64
   downsample: str = 'avgpool'      # 'avgpool' (reference) | 'strided' (torchvision)
   zero_init_last_bn: bool = True
+  head_pool: str = 'global'        # 'global' (mean) | 'reference' (AvgPool(7, stride 1), then mean)
   dtype: Any = jnp.float32         # compute dtype; parameters and BN statistics stay float32
   input_rank = 4
 
@@ -101,6 +119,8 @@ class ResNet(nn.Module):
   def __call__(self, x, *, norm: str, weights=None, return_features: bool = False):
     if self.downsample not in ('avgpool', 'strided'):
       raise ValueError(f"downsample must be 'avgpool' or 'strided', got {self.downsample!r}")
+    if self.head_pool not in HEAD_POOLS:
+      raise ValueError(f'head_pool must be one of {HEAD_POOLS}, got {self.head_pool!r}')
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
     min_size = 2 ** (len(self.stage_sizes) + 1)      # stem /2, max-pool /2, each later stage /2
     if min(x.shape[1:3]) < min_size:
@@ -116,7 +136,7 @@ class ResNet(nn.Module):
         stride = 2 if i > 0 and j == 0 else 1
         x = block_cls(self.width * 2 ** i, stride, self.downsample, self.zero_init_last_bn, self.dtype,
                       name=f'stage{i + 1}_block{j}')(x, norm, weights)
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    features = _head_pool(x, self.head_pool)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
     return (logits, features) if return_features else logits
 

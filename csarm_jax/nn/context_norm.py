@@ -6,6 +6,8 @@ One module, four behaviours chosen per call by ``mode``:
   CS-ARM-BN forward. Gradients flow through the statistics. When the ``context_stats`` collection is
   mutable the statistics are written there (that is how :func:`csarm_jax.adapt` reads them out); when
   ``batch_stats`` is mutable the running averages are updated (the ERM training step).
+* ``'context_constant'`` -- as ``'context'``, but the statistics are constants for ``grad``
+  (``stop_gradient``): the reference's BEN, whose control statistics carry no gradient.
 * ``'given'`` -- normalise with statistics passed in the ``context_stats`` collection.
 * ``'running'`` -- normalise with the running averages in ``batch_stats`` (ERM at test time).
 * ``'stream'`` -- internal to :func:`csarm_jax.plate_statistics`: layers flagged in ``stream_flags``
@@ -25,7 +27,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 CONTEXT, GIVEN, RUNNING, STREAM = 'context', 'given', 'running', 'stream'
-MODES = (CONTEXT, GIVEN, RUNNING, STREAM)
+CONTEXT_CONSTANT = 'context_constant'
+MODES = (CONTEXT, CONTEXT_CONSTANT, GIVEN, RUNNING, STREAM)
 
 STATS = 'context_stats'          # {'mean', 'var'} per layer: the adaptation pytree
 RUNNING_STATS = 'batch_stats'    # running averages, for ERM
@@ -84,8 +87,10 @@ class ContextBatchNorm(nn.Module):
     ra_mean = self.variable(RUNNING_STATS, 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable(RUNNING_STATS, 'var', jnp.ones, (features,), jnp.float32)
 
-    if self.is_initializing() or mode == CONTEXT:
+    if self.is_initializing() or mode in (CONTEXT, CONTEXT_CONSTANT):
       count, mean, var = moments(x, weights)
+      if mode == CONTEXT_CONSTANT:
+        mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
       if not self.is_initializing():
         if self.is_mutable_collection(STATS):
           self.put_variable(STATS, 'mean', mean)

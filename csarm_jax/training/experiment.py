@@ -84,7 +84,10 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
            f'must be >= 0, got {config.train.profile_steps}')
   _require(config.data.too_few in TOO_FEW, 'data.too_few',
            f'must be one of {TOO_FEW}, got {config.data.too_few!r}')
-  method = methods.get(config.method)
+  try:
+    method = methods.get(config.method, **dict(config.get('method_options') or {}))
+  except ValueError as e:
+    raise ConfigError(f'config.method_options: {e}') from None
   if method.train_controls:
     _require(config.data.num_controls >= 1, 'data.num_controls',
              f'{method.name} trains on contexts with the plate\'s controls: K must be >= 1 '
@@ -139,7 +142,8 @@ def make_run_folds(config: ml_collections.ConfigDict, store: ImageStore) -> list
                              validation_by=s.validation_by,
                              validation_fraction=s.validation_fraction,
                              in_domain_fraction=s.in_domain_fraction,
-                             unseen_batches_fraction=s.unseen_batches_fraction, seed=s.seed)
+                             unseen_batches_fraction=s.unseen_batches_fraction, seed=s.seed,
+                             sources=s.get('sources'))
   except splits.SplitError as e:
     raise ConfigError(f'config.split: {e}') from None
 

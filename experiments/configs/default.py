@@ -1,4 +1,6 @@
-"""Defaults for every experiment: CS-ARM-BN in the paper's setting. Other configs import and override.
+"""Defaults for every experiment: CS-ARM-BN in the paper's setting (jump_reference adds the
+reference's remaining training choices and the within-source variants). Other configs import and
+override.
 
 Usage: python experiments/train.py --config=experiments/configs/NAME.py[:variant] --workdir=DIR \
            [--config.a.b=value ...]
@@ -10,6 +12,9 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | cs_arm_bn | ben
+  # Method fields a run may change. statistics_gradient: whether training gradients flow through
+  # the context's BatchNorm statistics (False: constants, the reference's BEN; see jump_reference).
+  c.method_options = ml_collections.ConfigDict({'statistics_gradient': True})
   c.seed = 0                        # parameters and training contexts
   c.store = config_dict.placeholder(str)   # image store path or URL (file://, gs://, s3://)
 
@@ -38,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.split = ml_collections.ConfigDict({
       'kind': 'source',             # source (leave-one-source-out) | batch | plate (k-fold)
       'num_folds': config_dict.placeholder(int),
+      'sources': config_dict.placeholder(tuple),  # only these sources' plates (None: all)
       'fold': 0,                    # which fold this run trains
       'validation_by': 'batch',
       'validation_fraction': 0.15,
@@ -86,4 +92,41 @@ def get_config() -> ml_collections.ConfigDict:
       'num_processes': config_dict.placeholder(int),
       'process_id': config_dict.placeholder(int),
   })
+  return c
+
+
+# The paper's within-source settings on JUMP (the reference's default data config, source_3 only):
+# 5 folds of whole batches or plates, validation on 15 % of the training plates.
+WITHIN_SOURCE = {'new_batches': 'batch', 'new_plates': 'plate'}
+ERM_STYLE = ('erm', 'adabn', 'adabn_controls')
+
+
+def jump_reference(c: ml_collections.ConfigDict, setting: str | None = None
+                   ) -> ml_collections.ConfigDict:
+  """The paper's JUMP configs: the reference's training choices (README, "Differences from the
+  reference implementation") and its data setting.
+
+  - every BatchNorm scale starts at 1 (the reference has no zero-init of the last BN), and the
+    head pools as the reference's (border rows of the 8x8 map weigh less at 256 px);
+  - ERM-style methods: one optimizer update per batch of N = 64 mixed images, BatchNorm over that
+    batch (contexts_per_step=1; on D > 1 devices use D, i.e. D batches of 64 per update), with the
+    released script's trainer settings, which are the defaults (Adam 1e-3, no schedule, early
+    stopping with patience 20, at most 200 epochs);
+  - BEN: the control statistics carry no gradient.
+
+  setting: None or 'cross_source' -- leave-one-source-out S3 <-> S8 (the released script);
+  'new_batches' / 'new_plates' -- within source_3, leave-batches-out / leave-plates-out (5 folds).
+  """
+  c.model.options.zero_init_last_bn = False
+  c.model.options.head_pool = 'reference'    # AvgPool(7, stride 1), then a mean (equal at 224 px)
+  if c.method in ERM_STYLE:
+    c.data.contexts_per_step = 1
+  if c.method == 'ben':
+    c.method_options.statistics_gradient = False
+  if setting in (None, 'cross_source'):
+    return c
+  if setting not in WITHIN_SOURCE:
+    raise ValueError(f"setting must be cross_source, {' or '.join(WITHIN_SOURCE)}, got {setting!r}")
+  c.split.update(kind=WITHIN_SOURCE[setting], num_folds=5, sources=('source_3',),
+                 validation_by='plate', validation_fraction=0.15)
   return c
