@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags
 
+from csarm_jax import cli
 from csarm_jax.data import store_writer
 from csarm_jax.data.jump import convert as convert_lib
 
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -4,6 +4,7 @@ r"""Export a run's best checkpoint as a self-contained inference checkpoint.
 """
 from absl import app, flags
 
+from csarm_jax import cli
 from csarm_jax import inference
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished (or running) training run.')
@@ -21,4 +22,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,7 @@ import os
 
 from absl import app, flags
 
+from csarm_jax import cli
 from csarm_jax import inference
 from csarm_jax.data import open_store
 from csarm_jax.evaluation import metrics as metrics_lib
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
