@@ -31,6 +31,7 @@ from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
 from csarm_jax import nested, parallel
 from csarm_jax.training import checkpoint, experiment
+from csarm_jax.training import workdir as workdir_lib
 from csarm_jax.training.metrics_log import MetricsLog
 from csarm_jax.training.state import TrainState, abstract_state, create_state
 from csarm_jax.evaluation.step import compiled_eval_step
@@ -293,14 +294,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   d = config.distributed
   parallel.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id,
                                         enabled=d.enabled)
-  os.makedirs(workdir, exist_ok=True)
   quiet_library_logs()
-  exp = experiment.build(config, workdir)
+  with workdir_lib.removed_on_failure(workdir):     # a failed config check leaves no workdir
+    exp = experiment.build(config, workdir)
+    spec = experiment.model_spec(exp)
+    workdir_lib.check_resume(workdir, json.loads(config.to_json_best_effort()), spec)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(os.path.join(workdir, workdir_lib.CONFIG), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
-    with open(os.path.join(workdir, 'model.json'), 'w') as f:
-      json.dump(experiment.model_spec(exp), f, indent=1)
+    with open(os.path.join(workdir, workdir_lib.SPEC), 'w') as f:
+      json.dump(spec, f, indent=1)
   logging.info('%s | %s | %s on %d devices | %d steps/epoch, at most %d steps',
                exp.fold.description, exp.method.name, config.model.name, exp.mesh.size,
                exp.steps_per_epoch, exp.total_steps)
