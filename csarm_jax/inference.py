@@ -25,7 +25,7 @@ import pandas as pd
 import flax.linen as nn
 
 from csarm_jax import methods, models
-from csarm_jax.data import normalization
+from csarm_jax.data import normalization, plate_check
 from csarm_jax.data.store import ImageStore
 from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
@@ -151,10 +151,24 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
                   contexts_per_step: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
   """Per-image and per-well predictions (ensemble-mean class probabilities, predictive entropy) of
   every perturbed image of ``plates`` (default: all), each plate adapted with its own controls."""
+  return predict_plates(members, store, plates, contexts_per_step)[:2]
+
+
+def predict_plates(members: Sequence[Predictor], store: ImageStore,
+                   plates: Sequence[str] | None = None, contexts_per_step: int = 8,
+                   skip_bad: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+  """``predict_store`` and the report of what it skipped: plates that cannot form a context under
+  the members' test-time rule and images holding NaN or inf (``skip_bad=False``: refuse them)."""
   if not members:
     raise ValueError('no exported model given')
+  if contexts_per_step < 1:
+    raise ValueError(f'contexts_per_step must be >= 1, got {contexts_per_step}')
   spec = _check_compatible(members, store)
   plates = sorted(store.table['Metadata_Plate'].unique()) if plates is None else list(plates)
+  checked = plate_check.check_parts(store, {'predict': (plates, members[0].method.eval_controls)},
+                                    require_labels=False, skip_bad=skip_bad,
+                                    hint='skip_bad=True (predict.py without --noskip_bad) skips them')
+  store, plates = checked.store, checked.parts['predict']
   mesh = parallel.make_mesh()
   parallel.check_contexts_divide(contexts_per_step, mesh, 'contexts_per_step')
   e, num_classes = spec['eval'], len(spec['classes'])
@@ -174,6 +188,11 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
         raise AssertionError('ensemble members saw different contexts')
       probs = probs + p
   probs = probs / len(members)
+  broken = ~np.isfinite(probs).all(axis=1)
+  if broken.any():               # finite inputs, so the model itself: never write such numbers
+    raise FloatingPointError(f'{int(broken.sum())} predictions are NaN or inf (first: plate '
+                             f'{frame["Metadata_Plate"].iloc[np.argmax(broken)]}); the exported '
+                             f'parameters are not finite')
   frame[metrics_lib.prob_columns(num_classes)] = probs
   frame['pred'] = probs.argmax(axis=1)
   frame['pred_id'] = [spec['classes'][k]['id'] for k in frame['pred']]
@@ -181,4 +200,4 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
   frame['entropy'] = metrics_lib.entropy(probs)
   wells = metrics_lib.well_predictions(frame, num_classes)
   wells['pred_name'] = [spec['classes'][k]['name'] for k in wells['pred']]
-  return frame, wells
+  return frame, wells, checked.report

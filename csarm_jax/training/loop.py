@@ -311,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   results = evaluate_all(exp, state.variables, workdir) if config.eval.final_evaluation else {}
   final = {'method': exp.method.name, 'fold': exp.fold.name, 'seed': config.seed,
            'best_step': meta['best_step'], 'stopped_early': meta['stopped_early'],
-           'evaluated_step': int(state.step), 'evaluations': results}
+           'evaluated_step': int(state.step), 'skipped': exp.skipped, 'evaluations': results}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(final, f, indent=1)
