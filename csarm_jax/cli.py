@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Callable, NoReturn
 
-from absl import app
+from absl import app, flags
 
 DEBUG_FLAG, DEBUG_ENV = '--debug', 'CSARM_DEBUG'
 EXPECTED = (ValueError, KeyError, OSError, FloatingPointError)
@@ -42,7 +42,9 @@ def message(error: BaseException) -> str:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:                                         # absl's own, e.g. a bad value
+    raise CommandLineError(f'{message(e)} (--helpfull lists the flags)') from e
   except (AttributeError, KeyError, TypeError, ValueError) as e:   # raised by config overrides
     text = message(e)
     key = re.match(r"'?([\w.]+)'?(;|$)", text)

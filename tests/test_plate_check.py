@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from csarm_jax import data
+from csarm_jax import data, inference
 from csarm_jax.data import normalization, open_store, plate_check
 from csarm_jax.data.contexts import ContextError
 from csarm_jax.training import loop
@@ -104,6 +104,13 @@ def test_a_run_skips_bad_plates_everywhere_and_reports_them(tmp_path):
   assert results['evaluations']['test.chunks']['num_images'] == 8    # source_1_B1_P1 only
   saved = json.load(open(tmp_path / 'run' / 'results.json'))
   assert saved['skipped'] == skipped
+  member = inference.load(inference.export(str(tmp_path / 'run'), str(tmp_path / 'export')))
+  images, _, report = inference.predict_plates([member], open_store(path), contexts_per_step=4)
+  assert sorted(report['skipped_plates']['predict']) == [
+      'source_1_B0_P0', 'source_1_B0_P1', 'source_1_B1_P0', 'source_2_B0_P0']
+  assert 'source_1_B1_P1' in set(images['Metadata_Plate'])
+  with pytest.raises(ValueError, match='contexts_per_step must be >= 1, got 0'):
+    inference.predict_plates([member], open_store(path), contexts_per_step=0)
   config.data.skip_bad_plates = False               # refused at start, before any work
   with pytest.raises(ContextError, match='cannot form a context.*skip_bad_plates=true'):
     loop.train_and_evaluate(config, str(tmp_path / 'refused'))
@@ -123,3 +130,7 @@ def test_a_feature_run_never_scores_nonfinite_rows(tmp_path):
   assert test['num_images'] == 4 * 8 - 1 and math.isfinite(test['mean_entropy'])
   text = open(tmp_path / 'run' / 'eval' / 'test.chunks.metrics.json').read()
   assert 'NaN' not in text and 'Infinity' not in text
+  member = inference.load(inference.export(str(tmp_path / 'run'), str(tmp_path / 'export')))
+  images, _, report = inference.predict_plates([member], open_store(path))
+  assert report['num_skipped_rows'] == 3 and not images['row'].isin([3, 10, 145]).any()
+  assert np.isfinite(images.filter(like='prob_').to_numpy()).all()
