@@ -110,7 +110,7 @@ def train(exp: experiment.Experiment, workdir: str,
   ckpt = checkpoint.Checkpoints(workdir)
   batches = _train_batches(exp)
   meta = _fresh_meta()
-  restored = ckpt.restore(checkpoint.LATEST, abstract)
+  restored = ckpt.restore(checkpoint.LATEST, abstract, move_damaged=True)
   if restored is not None:
     state, data_state, meta = restored
     batches.set_state(data_state)
@@ -123,7 +123,8 @@ def train(exp: experiment.Experiment, workdir: str,
   step_fn = compile_train_step(make_train_step(exp.model, exp.method, exp.tx, exp.preprocess),
                                exp.mesh)
   eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
-  log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  log = MetricsLog(workdir, enabled=jax.process_index() == 0,
+                  resumed_at=int(state.step) if restored is not None else None)
   lead = jax.process_index() == 0
   step = int(state.step)
   eval_every = c.train.eval_every_epochs * exp.steps_per_epoch
