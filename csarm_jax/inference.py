@@ -31,12 +31,14 @@ from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
 from csarm_jax import parallel
 from csarm_jax.training import checkpoint
+from csarm_jax.training import workdir as workdir_lib
 from csarm_jax.training.experiment import make_optimizer
 from csarm_jax.training.state import abstract_state
 from csarm_jax.evaluation.step import compiled_eval_step
 
 FORMAT_VERSION = 1
-SPEC, NORMALIZATION, CONFIG, FOLD = 'model.json', 'normalization.json', 'config.json', 'fold.json'
+SPEC, CONFIG = workdir_lib.SPEC, workdir_lib.CONFIG
+NORMALIZATION, FOLD = 'normalization.json', 'fold.json'
 INFERENCE, VARIABLES = 'inference.json', 'variables'
 
 
@@ -84,6 +86,9 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   tx = make_optimizer(config, total_steps=1)             # the state's structure, not its values
   target = abstract_state(model, tx, models.example_input(model, spec['crop_size']),
                           jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  if not workdir_lib.has_checkpoints(workdir):      # before orbax creates its folders there
+    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export (has the run '
+                            f'saved one yet?)')
   ckpt = checkpoint.Checkpoints(workdir)
   try:
     fold = _read_json(os.path.join(workdir, FOLD))
