@@ -35,6 +35,8 @@ def message(error: BaseException) -> str:
   text = text.replace('\\n', '\n').replace("\\'", "'")
   while len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
     text = text[1:-1]
+  if isinstance(error, KeyError) and text.isidentifier():     # a bare key says nothing alone
+    text = f'missing key {text!r}'
   if isinstance(error, OSError) and error.strerror and error.filename:
     text = f'{error.strerror.lower()}: {error.filename}'
   return '; '.join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__

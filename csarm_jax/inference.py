@@ -79,6 +79,9 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   """
   if which not in (SELECTED, checkpoint.BEST, checkpoint.LATEST):
     raise ValueError(f'which must be selected, best or latest, got {which!r}')
+  if not workdir_lib.has_checkpoints(workdir):      # before orbax creates its folders there
+    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export (has the run '
+                            f'saved one yet?)')
   spec = _read_json(os.path.join(workdir, SPEC))
   config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, CONFIG)))
   norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
@@ -86,9 +89,6 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   tx = make_optimizer(config, total_steps=1)             # the state's structure, not its values
   target = abstract_state(model, tx, models.example_input(model, spec['crop_size']),
                           jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  if not workdir_lib.has_checkpoints(workdir):      # before orbax creates its folders there
-    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export (has the run '
-                            f'saved one yet?)')
   ckpt = checkpoint.Checkpoints(workdir)
   try:
     fold = _read_json(os.path.join(workdir, FOLD))

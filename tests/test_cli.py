@@ -2,6 +2,7 @@
 traceback; bugs keep theirs."""
 import errno
 import os
+import re
 import subprocess
 import sys
 
@@ -30,6 +31,7 @@ def _run(error, argv=('prog',)):
 @pytest.mark.parametrize('error, line', [
     (ContextError('plate P1: no control images'), 'error: plate P1: no control images'),
     (KeyError("unknown synthetic config field 'x'"), "error: unknown synthetic config field 'x'"),
+    (KeyError('mean'), "error: missing key 'mean'"),
     (OSError(errno.EACCES, 'Permission denied', '/ro/fold.json'),
      'error: permission denied: /ro/fold.json'),
     (FloatingPointError('training diverged by step 3'), 'error: training diverged by step 3'),
@@ -63,3 +65,51 @@ def test_unknown_config_key_is_one_line_naming_the_flag(tmp_path):
       'error: --config.train.max_epoch: unknown config key \'max_epoch\'; Did you mean '
       '"max_epochs" instead of "max_epoch"?']
   assert not os.path.exists(tmp_path / 'run')
+
+
+def _member(store, **spec):
+  """An export as far as the compatibility check reads it."""
+  from csarm_jax import inference, methods
+  from csarm_jax.data.normalization import NormStats
+  spec = {'store_kind': store.kind, 'channels': store.channels, 'crop_size': 8,
+          'classes': [{'id': i, 'name': n} for i, n in zip(store.class_ids, store.class_names)],
+          'eval': {'num_perturbed': 4, 'num_controls': 4, 'seed': 0, 'too_few': 'replace'}, **spec}
+  return inference.Predictor('exports/m', None, None, methods.get('cs_arm_bn'),
+                             NormStats(mean=None, std=None), spec)
+
+
+@pytest.mark.parametrize('spec, line', [
+    ({'channels': ['Mito', 'AGP', 'RNA', 'ER', 'DNA']},
+     r"error: exports/m vs store .*: trained on channels \['Mito', 'AGP', 'RNA', 'ER', 'DNA'\], but "
+     r"the store has \['DNA', 'ER', 'RNA', 'AGP', 'Mito'\]$"),
+    ({'store_kind': 'features'}, 'error: exports/m vs store .*: trained on features, the store '
+                                 'holds images$'),
+])
+def test_an_export_that_does_not_fit_the_store_is_one_line(store_path, capsys, spec, line):
+  from csarm_jax import inference
+  from csarm_jax.data import open_store
+  store = open_store(store_path)
+  with pytest.raises(SystemExit):
+    cli.run(lambda _: inference.predict_plates([_member(store, **spec)], store), ['predict'])
+  assert re.match(line, capsys.readouterr().err.strip())
+
+
+@pytest.mark.parametrize('script, args, line', [
+    ('data_prep/make_synthetic.py', ['--preset=tiny', '--layout.num_sources=0'],
+     'error: synthetic config field layout.num_sources: must be >= 1'),
+    ('data_prep/make_synthetic.py', ['--preset=tiny'], 'error: {out} is not empty'),
+    ('experiments/export.py', ['--workdir={out}'],
+     'error: {out}/checkpoints holds no checkpoint to export'),
+    ('experiments/predict.py', ['--export={out}/none', '--store={out}'],
+     'error: {out}/none/inference.json is missing'),
+])
+def test_entry_points_report_bad_input_in_one_line(tmp_path, script, args, line):
+  out = tmp_path / 'out'
+  out.mkdir()
+  for name in ('model.json', 'config.json', 'normalization.json', 'fold.json'):
+    (out / name).write_text('{}')                  # a workdir (or non-empty folder) without a run
+  args = [a.format(out=out) for a in args]
+  code, err = entry_point(script, *args, *([] if any(a.startswith('--out') for a in args)
+                                           else [f'--out={out}']))
+  assert code == 1, err
+  assert len(err.strip().splitlines()) == 1 and err.startswith(line.format(out=out)), err
