@@ -39,7 +39,8 @@ def message(error: BaseException) -> str:
     text = f'missing key {text!r}'
   if isinstance(error, OSError) and error.strerror and error.filename:
     text = f'{error.strerror.lower()}: {error.filename}'
-  return '; '.join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return '; '.join(lines) or type(error).__name__
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

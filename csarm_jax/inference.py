@@ -172,7 +172,7 @@ def predict_plates(members: Sequence[Predictor], store: ImageStore,
   plates = sorted(store.table['Metadata_Plate'].unique()) if plates is None else list(plates)
   checked = plate_check.check_parts(store, {'predict': (plates, members[0].method.eval_controls)},
                                     require_labels=False, skip_bad=skip_bad,
-                                    hint='skip_bad=True (predict.py without --noskip_bad) skips them')
+                                    hint='skip_bad=True (predict.py: no --noskip_bad) skips them')
   store, plates = checked.store, checked.parts['predict']
   mesh = parallel.make_mesh()
   parallel.check_contexts_divide(contexts_per_step, mesh, 'contexts_per_step')

@@ -80,8 +80,9 @@ def _member(store, **spec):
 
 @pytest.mark.parametrize('spec, line', [
     ({'channels': ['Mito', 'AGP', 'RNA', 'ER', 'DNA']},
-     r"error: exports/m vs store .*: trained on channels \['Mito', 'AGP', 'RNA', 'ER', 'DNA'\], but "
-     r"the store has \['DNA', 'ER', 'RNA', 'AGP', 'Mito'\]$"),
+     r"error: exports/m vs store .*: trained on channels "
+     r"\['Mito', 'AGP', 'RNA', 'ER', 'DNA'\], but the store has "
+     r"\['DNA', 'ER', 'RNA', 'AGP', 'Mito'\]$"),
     ({'store_kind': 'features'}, 'error: exports/m vs store .*: trained on features, the store '
                                  'holds images$'),
 ])

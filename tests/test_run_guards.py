@@ -8,14 +8,12 @@ import re
 import shutil
 
 import chex
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 import pytest
 
 from csarm_jax.training import checkpoint, experiment, loop
-from csarm_jax.training.state import abstract_state
-from run_fixture import tiny_config
+from run_fixture import latest_state, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -49,17 +47,6 @@ def test_a_failed_config_check_leaves_no_workdir(store_path, tmp_path):
   assert not os.path.exists(tmp_path / 'new')
 
 
-def _latest_params(workdir, config):
-  exp = experiment.build(config, workdir)
-  target = abstract_state(exp.model, exp.tx, exp.example_input,
-                          jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  ckpt = checkpoint.Checkpoints(workdir)
-  try:
-    return ckpt.restore(checkpoint.LATEST, target)[0].params
-  finally:
-    ckpt.close()
-
-
 def _truncate(directory):
   for root, _, files in os.walk(directory):
     for name in files:
@@ -83,7 +70,8 @@ def test_a_damaged_checkpoint_is_named_moved_aside_and_the_previous_one_resumed(
   assert re.search(r'checkpoint .*latest/6 \(step 6\) is damaged .* moved to .*damaged/latest_6; '
                    r'using step 5 instead', caplog.text)
   assert os.path.isdir(os.path.join(copy, 'checkpoints', 'damaged', 'latest_6'))
-  chex.assert_trees_all_equal(_latest_params(copy, config), _latest_params(workdir, config))
+  chex.assert_trees_all_equal(latest_state(copy, config).params,
+                              latest_state(workdir, config).params)
   # Nothing left to fall back to: one error naming the step and where it went.
   _truncate(os.path.join(copy, 'checkpoints', 'latest', '6', 'state'))
   shutil.rmtree(os.path.join(copy, 'checkpoints', 'latest', '5'))
@@ -119,6 +107,7 @@ def test_a_full_disk_names_the_place_and_the_latest_good_step(store_path, tmp_pa
       raise OSError(errno.ENOSPC, 'No space left on device')
     return save(self, step, *args, **kwargs)
   monkeypatch.setattr(ocp.CheckpointManager, 'save', full)
-  with pytest.raises(checkpoint.CheckpointError, match=r'no space left on the disk of .*checkpoints; '
-                                                      r'the latest good checkpoint is step 2'):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'no space left on the disk of .*checkpoints; the latest good '
+                           r'checkpoint is step 2'):
     loop.train_and_evaluate(config, str(tmp_path))

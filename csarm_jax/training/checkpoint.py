@@ -86,9 +86,9 @@ class Checkpoints:
       with contextlib.suppress(Exception):     # saves already under way may still complete
         good.wait_until_finished()
       good.reload()
-      raise CheckpointError(f'no space left on the disk of {self._root}; the latest good checkpoint '
-                            f'is step {good.latest_step()} (free space, then re-run to resume from '
-                            f'it)') from e
+      raise CheckpointError(f'no space left on the disk of {self._root}; the latest good '
+                            f'checkpoint is step {good.latest_step()} (free space, then re-run to '
+                            f'resume from it)') from e
 
   def restore(self, which: str, abstract_state: Any, step: int | None = None,
               move_damaged: bool = False) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:

@@ -57,7 +57,8 @@ class MetricsLog:
   def write(self, step: int, values: dict[str, float], prefix: str) -> None:
     if not self.enabled:
       return
-    self._append({'step': step, 'time': time.time(), **{f'{prefix}/{k}': v for k, v in values.items()}})
+    self._append({'step': step, 'time': time.time(),
+                  **{f'{prefix}/{k}': v for k, v in values.items()}})
     for k, v in values.items():
       self._tb.add_scalar(f'{prefix}/{k}', v, step)
 
