@@ -21,7 +21,7 @@ statistics, equal weights give the pooled statistics. Defined edge cases:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import chex
 import numpy as np
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import traverse_util
 
-from csarm_jax.nn import (CONTEXT, GIVEN, STATS, STREAM, STREAM_FLAGS, STREAM_SUMS,
-                          ContextBatchNorm)
+from csarm_jax.nn import (CONTEXT, GIVEN, RUNNING_STATS, STATS, STREAM, STREAM_FLAGS,
+                          STREAM_SUMS, ContextBatchNorm)
 
 Variables = dict[str, Any]
 Stats = dict[str, Any]
@@ -92,10 +92,34 @@ def adapt(model: nn.Module, variables: Variables, context: jax.Array,
   return stats
 
 
+def check_stats(variables: Variables, stats: Stats) -> None:
+  """Raises ValueError naming the first BatchNorm layer whose statistics do not fit the model (a
+  layer missing or extra, or another shape): statistics adapted with another model. Shapes only,
+  so it also checks traced statistics."""
+  expected = variables.get(RUNNING_STATS)        # one {'mean', 'var'} per layer, as the statistics
+  if expected is None:
+    return
+  want = traverse_util.flatten_dict(dict(expected))
+  have = traverse_util.flatten_dict(dict(stats)) if isinstance(stats, Mapping) else {}
+  for path in sorted(want.keys() | have.keys()):
+    layer = '/'.join(path[:-1])
+    if path not in have:
+      raise ValueError(f'the statistics lack layer {layer} ({path[-1]}): they were adapted with '
+                       f'another model')
+    if path not in want:
+      raise ValueError(f'the statistics hold layer {layer}, which the model does not have: they '
+                       f'were adapted with another model')
+    if jnp.shape(have[path]) != jnp.shape(want[path]):
+      raise ValueError(f'the statistics of layer {layer} ({path[-1]}) have shape '
+                       f'{jnp.shape(have[path])}, the model\'s layer {jnp.shape(want[path])}: they '
+                       f'were adapted with another model')
+
+
 def predict(model: nn.Module, variables: Variables, stats: Stats, images: jax.Array,
             **kwargs) -> Any:
   """Logits of ``images`` normalised with the given statistics (no statistics of their own)."""
   validate_inputs(model, images, None, what='images')
+  check_stats(variables, stats)
   out = model.apply({**_without(variables, STATS), STATS: stats}, images, norm=GIVEN, **kwargs)
   chex.assert_shape(jax.tree.leaves(out)[0], (images.shape[0], None))   # one row per image
   return out

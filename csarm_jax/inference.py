@@ -25,18 +25,20 @@ import pandas as pd
 import flax.linen as nn
 
 from csarm_jax import methods, models
-from csarm_jax.data import normalization
+from csarm_jax.data import normalization, plate_check
 from csarm_jax.data.store import ImageStore
 from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
 from csarm_jax import parallel
 from csarm_jax.training import checkpoint
+from csarm_jax.training import workdir as workdir_lib
 from csarm_jax.training.experiment import make_optimizer
 from csarm_jax.training.state import abstract_state
 from csarm_jax.evaluation.step import compiled_eval_step
 
 FORMAT_VERSION = 1
-SPEC, NORMALIZATION, CONFIG, FOLD = 'model.json', 'normalization.json', 'config.json', 'fold.json'
+SPEC, CONFIG = workdir_lib.SPEC, workdir_lib.CONFIG
+NORMALIZATION, FOLD = 'normalization.json', 'fold.json'
 INFERENCE, VARIABLES = 'inference.json', 'variables'
 
 
@@ -78,6 +80,9 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   """
   if which not in (SELECTED, checkpoint.BEST, checkpoint.LATEST):
     raise ValueError(f'which must be selected, best or latest, got {which!r}')
+  if not workdir_lib.has_checkpoints(workdir):      # before orbax creates its folders there
+    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export (has the run '
+                            f'saved one yet?)')
   spec = _read_json(os.path.join(workdir, SPEC))
   config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, CONFIG)))
   norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
@@ -162,10 +167,24 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
                   contexts_per_step: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
   """Per-image and per-well predictions (ensemble-mean class probabilities, predictive entropy) of
   every perturbed image of ``plates`` (default: all), each plate adapted with its own controls."""
+  return predict_plates(members, store, plates, contexts_per_step)[:2]
+
+
+def predict_plates(members: Sequence[Predictor], store: ImageStore,
+                   plates: Sequence[str] | None = None, contexts_per_step: int = 8,
+                   skip_bad: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+  """``predict_store`` and the report of what it skipped: plates that cannot form a context under
+  the members' test-time rule and images holding NaN or inf (``skip_bad=False``: refuse them)."""
   if not members:
     raise ValueError('no exported model given')
+  if contexts_per_step < 1:
+    raise ValueError(f'contexts_per_step must be >= 1, got {contexts_per_step}')
   spec = _check_compatible(members, store)
   plates = sorted(store.table['Metadata_Plate'].unique()) if plates is None else list(plates)
+  checked = plate_check.check_parts(store, {'predict': (plates, members[0].method.eval_controls)},
+                                    require_labels=False, skip_bad=skip_bad,
+                                    hint='skip_bad=True (predict.py: no --noskip_bad) skips them')
+  store, plates = checked.store, checked.parts['predict']
   mesh = parallel.make_mesh()
   parallel.check_contexts_divide(contexts_per_step, mesh, 'contexts_per_step')
   rule = dataclasses.replace(members[0].protocol, contexts_per_step=contexts_per_step)
@@ -183,6 +202,11 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
         raise AssertionError('ensemble members saw different contexts')
       probs = probs + p
   probs = probs / len(members)
+  broken = ~np.isfinite(probs).all(axis=1)
+  if broken.any():               # finite inputs, so the model itself: never write such numbers
+    raise FloatingPointError(f'{int(broken.sum())} predictions are NaN or inf (first: plate '
+                             f'{frame["Metadata_Plate"].iloc[np.argmax(broken)]}); the exported '
+                             f'parameters are not finite')
   frame[metrics_lib.prob_columns(num_classes)] = probs
   frame['pred'] = probs.argmax(axis=1)
   frame['pred_id'] = [spec['classes'][k]['id'] for k in frame['pred']]
@@ -190,4 +214,4 @@ def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Seque
   frame['entropy'] = metrics_lib.entropy(probs)
   wells = metrics_lib.well_predictions(frame, num_classes)
   wells['pred_name'] = [spec['classes'][k]['name'] for k in wells['pred']]
-  return frame, wells
+  return frame, wells, checked.report

@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags
 
+from csarm_jax import cli
 from csarm_jax.data import store_writer
 from csarm_jax.data.jump import convert as convert_lib
 
@@ -33,6 +34,8 @@ flags.DEFINE_enum('compression', _DEFAULT.compression, list(store_writer.COMPRES
                   'zstd may be smaller on your content; none reads fastest (local SSD).')
 flags.DEFINE_integer('tile', _DEFAULT.tile, 'Side of the tiles an image is stored in (a '
                      'crop decodes only the tiles it touches); must divide the crop; 0: auto.')
+flags.DEFINE_float('min_written', 0.0, 'Fail, leaving the store incomplete, if fewer than this '
+                   'fraction of the sites (and in any case if no site) could be written.')
 flags.DEFINE_bool('overwrite', False, 'Delete a store already at --out (or started with other '
                   'options) and start again.')
 
@@ -48,8 +51,9 @@ def main(argv):
       illum=FLAGS.illum, crop=crop or None, shard_items=FLAGS.shard_items,
       compression=FLAGS.compression, tile=FLAGS.tile)
   convert_lib.convert_sites(FLAGS.index, FLAGS.out, options, workers=FLAGS.workers,
-                            overwrite=FLAGS.overwrite, command=' '.join(sys.argv))   # logs the QC line
+                            overwrite=FLAGS.overwrite, command=' '.join(sys.argv),
+                            min_written=FLAGS.min_written)   # logs the QC line
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

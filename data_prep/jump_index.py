@@ -15,6 +15,7 @@ import logging
 from absl import app, flags
 from tqdm import tqdm
 
+from csarm_jax import cli
 from csarm_jax.data import jump
 from csarm_jax.data.jump.index import PAPER_EXCLUDED_BATCHES, Selection
 
@@ -58,4 +59,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

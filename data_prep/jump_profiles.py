@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from tqdm import tqdm
 
+from csarm_jax import cli
 from csarm_jax.data import jump
 from csarm_jax.data.jump import profiles as profiles_lib
 
@@ -40,4 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from csarm_jax import cli
 from csarm_jax.data import synthetic
 
 PRESET = flags.DEFINE_enum('preset', 'quickstart', synthetic.PRESETS, 'Which preset to start from.')
@@ -50,4 +51,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from csarm_jax import cli
 from csarm_jax.training import cross_validation
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -32,4 +33,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

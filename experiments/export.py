@@ -4,7 +4,9 @@ r"""Export a run's best checkpoint as a self-contained inference checkpoint.
 """
 from absl import app, flags
 
+from csarm_jax import cli
 from csarm_jax import inference
+from csarm_jax.training.loop import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished (or running) training run.')
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the export to.')
@@ -16,9 +18,10 @@ flags.mark_flags_as_required(['workdir', 'out'])
 
 def main(argv):
   del argv
+  quiet_library_logs()
   path = inference.export(_WORKDIR.value, _OUT.value, _WHICH.value)
   print(f'exported {_WORKDIR.value} ({_WHICH.value}) to {path}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -13,6 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from sklearn.decomposition import PCA
 
+from csarm_jax import cli
 from csarm_jax.study import report, runner as study
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Study config file.', lock_config=True)
@@ -49,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

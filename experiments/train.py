@@ -12,7 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from csarm_jax.training import ConfigError, Preempted, train_and_evaluate
+from csarm_jax import cli
+from csarm_jax.training import Preempted, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -25,12 +26,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
-    sys.exit(f'error: {e}')
   except Preempted as e:
     logging.warning('%s', e)
     sys.exit(143)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

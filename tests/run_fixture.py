@@ -2,6 +2,10 @@
 import os
 import sys
 
+import jax
+
+from csarm_jax.training import checkpoint, experiment
+from csarm_jax.training.state import abstract_state
 from store_fixture import write_store
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
@@ -26,3 +30,15 @@ def tiny_config(store_path, method='cs_arm_bn'):
                  patience=5, transfer_guard='disallow')
   c.eval.update(num_perturbed=4, num_controls=4, contexts_per_step=4)
   return c
+
+
+def latest_state(workdir, config):
+  """The state of the newest ``latest`` checkpoint of a run."""
+  exp = experiment.build(config, workdir)
+  target = abstract_state(exp.model, exp.tx, exp.example_input,
+                          jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  ckpt = checkpoint.Checkpoints(workdir)
+  try:
+    return ckpt.restore_selected(target, prefer_best=False)[0]
+  finally:
+    ckpt.close()

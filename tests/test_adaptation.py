@@ -221,3 +221,19 @@ def test_streamed_statistics_accept_chunks_without_weight(cnn):
   streamed = cj.plate_statistics(model, variables, x, mask=weights, chunk_size=3)
   chex.assert_trees_all_close(streamed, adapt(model, variables, jnp.asarray(x[6:])),
                               rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_of_another_model_are_refused_naming_the_layer():
+  def build(width, stages=2):
+    model = models.create('cnn', num_classes=3, in_channels=2, width=width, num_stages=stages)
+    return model, models.init_variables(model, jax.random.key(0), jnp.zeros((2, 8, 8, 2)))
+  model, variables = build(4)
+  images = jax.random.normal(jax.random.key(1), (4, 8, 8, 2))
+  wide_stats = cj.adapt(*build(8), images)
+  with pytest.raises(ValueError, match=r'statistics of layer bn0 \(mean\) have shape \(8,\), the '
+                                       r"model's layer \(4,\)"):
+    cj.predict(model, variables, wide_stats, images)
+  with pytest.raises(ValueError, match='hold layer bn2, which the model does not have'):
+    cj.predict(model, variables, cj.adapt(*build(4, 3), images), images)
+  own = cj.adapt(model, variables, images)
+  assert jax.jit(cj.predict, static_argnums=0)(model, variables, own, images).shape == (4, 3)

@@ -268,3 +268,25 @@ def test_site_level_problems(tmp_path):
   assert image is None and [(i['issue'], i['channel']) for i in issues] == [('zero-filled', 'RNA')]
   image, _, issues = convert_lib.process_site(site, jump.ConvertOptions(clip_percentile=99.0), (4, 4))
   assert image.shape == (4, 4, 5) and issues == [] and image[..., 2].max() == 255
+
+
+def test_a_conversion_that_writes_nothing_fails_and_is_not_marked_complete(tmp_path):
+  mirror = build_mirror(tmp_path / 'jump')
+  index = _write_index(mirror, tmp_path / 'index.parquet')
+  images = [os.path.join(d, f) for d, _, files in os.walk(mirror.root) for f in files
+            if f.lower().endswith(('.tif', '.tiff'))]
+  for path in images:                                  # not fetched yet
+    os.rename(path, path + '.absent')
+  options = dataclasses.replace(OPTIONS, crop=CROP)    # an explicit crop: nothing probed
+  with pytest.raises(jump.ConvertError, match=r'0 of 24 sites written \(at least 1 required\), so '
+                                              r'the store is not marked complete'):
+    _convert(index, tmp_path / 'store', options)
+  assert not os.path.exists(tmp_path / 'store' / store_lib.MANIFEST_NAME)
+  assert os.path.exists(tmp_path / 'store' / convert_lib.QC_KEY)
+  for path in images:                                  # fetched: the re-run converts them
+    os.rename(path + '.absent', path)
+  counts = _convert(index, tmp_path / 'store', options)
+  assert counts['written'] == 24 - len(SKIPPED)
+  assert len(open_store(str(tmp_path / 'store')).table) == counts['written']
+  with pytest.raises(jump.ConvertError, match=r'19 of 24 sites written \(at least 20 required\)'):
+    _convert(index, tmp_path / 'other', options, min_written=0.8)

@@ -17,21 +17,8 @@ from csarm_jax import inference, parallel
 from csarm_jax.data.augment import center_crop
 from csarm_jax.data import open_store
 from csarm_jax.training import checkpoint, experiment, loop
-from csarm_jax.training.state import abstract_state
-from run_fixture import tiny_config
+from run_fixture import latest_state as _params, tiny_config
 
-
-
-def _params(workdir, config):
-  """The parameters of the newest ``latest`` checkpoint of a run."""
-  exp = experiment.build(config, workdir)
-  target = abstract_state(exp.model, exp.tx, exp.example_input,
-                          jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  ckpt = checkpoint.Checkpoints(workdir)
-  try:
-    return ckpt.restore_selected(target, prefer_best=False)[0]
-  finally:
-    ckpt.close()
 
 
 @pytest.fixture(scope='module')

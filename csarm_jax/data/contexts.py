@@ -97,14 +97,16 @@ def _context(plate: int, rows: np.ndarray, labels: np.ndarray, controls: np.ndar
 
 def index_plates(table: pd.DataFrame, plates: Sequence[str], *, num_classes: int,
                  require_controls: bool = True, require_labels: bool = True,
-                 skip_bad: bool = False, part: str = 'plates') -> PlateIndex:
+                 skip_bad: bool = False, part: str = 'plates',
+                 allow_empty: bool = False) -> PlateIndex:
   """Groups ``table`` rows of ``plates`` into perturbed and control store rows per plate.
 
   Errors (``ContextError``, naming the plate or column) for: an empty plate list (``part`` names it
   in the message, e.g. 'train'), a missing column, a plate absent from the table, a plate without
   perturbed images, a plate without controls (if ``require_controls``), a perturbed row whose label
   is not a class id in [0, num_classes) (-1 allowed unless ``require_labels``). With ``skip_bad``
-  the last three skip the plate or rows instead and record them in the index.
+  the last three skip the plate or rows instead and record them in the index (``allow_empty``:
+  even every plate, for a start-up check that reports them all).
   """
   if len(plates) == 0:
     raise ContextError(f'the {part} part has no plates (an empty split)')
@@ -150,7 +152,7 @@ def index_plates(table: pd.DataFrame, plates: Sequence[str], *, num_classes: int
     perturbed.append(rows[pert])
     labels.append(lab[pert].astype(np.int32))
     controls.append(rows[ctrl])
-  if not kept:
+  if not kept and not allow_empty:
     raise ContextError(f'every plate of the {part} part was skipped: {skipped_plates}')
   return PlateIndex(tuple(kept), tuple(perturbed), tuple(labels), tuple(controls),
                     skipped_plates, skipped_rows)

@@ -110,7 +110,7 @@ def compute_normalization(store, rows: Sequence[int] | np.ndarray, max_images: i
   """Per-channel mean/std over the store items at ``rows`` (a fold's training perturbed images).
 
   ``max_images`` caps the pass at a seeded random subset of that many rows (exact otherwise).
-  Raises ValueError for no rows or a constant channel (its std would be 0).
+  Raises ValueError for no rows, a channel holding NaN or inf, or a constant channel (std 0).
   """
   rows = np.asarray(rows, np.int64)
   if rows.size == 0:
@@ -128,7 +128,12 @@ def compute_normalization(store, rows: Sequence[int] | np.ndarray, max_images: i
     max_value = 1.0
     count, mean, m2 = _float_moments(store, rows, chunk_size)
     std = np.sqrt(m2 / count)
-  flat = [c for c, s in zip(store.channels, std) if not s > 0 or not math.isfinite(s)]
+  broken = [c for c, m, s in zip(store.channels, mean, std) if not (math.isfinite(m) and
+                                                                   math.isfinite(s))]
+  if broken:
+    raise ValueError(f'channel {broken[0]} holds NaN or inf in the {len(rows)} images: it cannot '
+                     f'be normalised (plate_check.check_parts skips such images)')
+  flat = [c for c, s in zip(store.channels, std) if not s > 0]
   if flat:
     raise ValueError(f'channel {flat[0]} is constant over the {len(rows)} images (std 0): '
                      f'it cannot be normalised')

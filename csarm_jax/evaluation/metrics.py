@@ -51,6 +51,10 @@ def summarize(predictions: pd.DataFrame, class_names: Sequence[str]) -> dict[str
   k = len(class_names)
   if len(predictions) == 0:
     raise ValueError('no predictions to score')
+  probs = predictions[prob_columns(k)].to_numpy()
+  if not np.isfinite(probs).all():     # never scored, never written: a NaN would read as class 0
+    raise FloatingPointError(f'{int((~np.isfinite(probs).all(axis=1)).sum())} of {len(probs)} '
+                             f'predictions are NaN or inf; the parameters or inputs are not finite')
   y, p = predictions['label'].to_numpy(), predictions['pred'].to_numpy()
   labels = list(range(k))
   precision, recall, f1, support = skm.precision_recall_fscore_support(
@@ -64,7 +68,7 @@ def summarize(predictions: pd.DataFrame, class_names: Sequence[str]) -> dict[str
       'macro_f1': float(np.mean(f1[present])),
       'well_accuracy': float((wells['pred'] == wells['label']).mean()),
       'num_wells': int(len(wells)),
-      'mean_entropy': float(entropy(predictions[prob_columns(k)].to_numpy()).mean()),
+      'mean_entropy': float(entropy(probs).mean()),
       'per_class': {name: {'precision': float(precision[i]), 'recall': float(recall[i]),
                            'f1': float(f1[i]), 'support': int(support[i])}
                     for i, name in enumerate(class_names)},

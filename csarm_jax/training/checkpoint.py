@@ -11,7 +11,9 @@ has (``rng``, dropped unread) restores too: those fields are read and discarded,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 from typing import Any
 
@@ -20,13 +22,35 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 LATEST, BEST, DIVERGED = 'latest', 'best', 'diverged'
+DAMAGED = 'damaged'           # unreadable steps moved aside by a resuming run
+
+
+class CheckpointError(OSError):
+  """A checkpoint that cannot be read or written; the message names it and what to do."""
+
+
+def _free_suffix(path: str) -> int:
+  """0 if ``path`` is free, else the first n for which ``path.n`` is."""
+  n = 0
+  while os.path.exists(path + (f'.{n}' if n else '')):
+    n += 1
+  return n
+
+
+def _no_space(error: BaseException | None) -> bool:
+  """Whether ``error`` or one of its causes is a full disk (ENOSPC)."""
+  while error is not None:
+    if getattr(error, 'errno', None) == errno.ENOSPC or 'No space left' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 class Checkpoints:
   """``save(which, step, state, data, meta, config)`` / ``restore(which, abstract_state)``."""
 
   def __init__(self, workdir: str, keep_latest: int = 2):
-    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    root = self._root = os.path.join(os.path.abspath(workdir), 'checkpoints')
     # Every item's handler is declared, so restoring some items never warns about the others.
     manager = lambda name, keep: ocp.CheckpointManager(
         os.path.join(root, name), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -44,18 +68,48 @@ class Checkpoints:
     manager = self._managers[which]
     if manager.latest_step() == step:          # already saved (e.g. SIGTERM right after a save)
       return
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=ocp.args.JsonSave(data),
-                                               meta=ocp.args.JsonSave(meta),
-                                               config=ocp.args.JsonSave(config)))
+    with self._disk_full_named():
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 data=ocp.args.JsonSave(data),
+                                                 meta=ocp.args.JsonSave(meta),
+                                                 config=ocp.args.JsonSave(config)))
 
-  def restore(self, which: str, abstract_state: Any, step: int | None = None
-              ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
-    """(state, data, meta) of the given (default: newest) step, or None if there is none."""
+  @contextlib.contextmanager
+  def _disk_full_named(self):
+    """A full disk while saving: one message naming the place and the step a re-run resumes at."""
+    try:
+      yield
+    except Exception as e:
+      if not _no_space(e):
+        raise
+      good = self._managers[LATEST]
+      with contextlib.suppress(Exception):     # saves already under way may still complete
+        good.wait_until_finished()
+      good.reload()
+      raise CheckpointError(f'no space left on the disk of {self._root}; the latest good '
+                            f'checkpoint is step {good.latest_step()} (free space, then re-run to '
+                            f'resume from it)') from e
+
+  def restore(self, which: str, abstract_state: Any, step: int | None = None,
+              move_damaged: bool = False) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+    """(state, data, meta) of the given (default: newest intact) step, or None if there is none.
+
+    A step that cannot be read (truncated or corrupted files) is reported by step and skipped for
+    the one before it; ``move_damaged`` (a run about to write new checkpoints) moves it aside to
+    ``checkpoints/damaged/`` so that it is neither resumed from nor mistaken for a saved step.
+    """
     manager = self._managers[which]
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      return None
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    for i, s in enumerate(steps):
+      try:
+        return self._restore_step(which, s, abstract_state)
+      except Exception as e:       # noqa: BLE001 -- any unreadable step is reported the same way
+        fallback = steps[i + 1] if i + 1 < len(steps) else None
+        self._damaged(which, s, e, move_damaged, fallback)
+    return None
+
+  def _restore_step(self, which: str, step: int, abstract_state: Any):
+    manager = self._managers[which]
     restore = lambda target: manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
@@ -74,6 +128,23 @@ class Checkpoints:
     state = type(abstract_state)(**{n: restored['state'][n] for n in names})
     return state, restored['data'], restored['meta']
 
+  def _damaged(self, which: str, step: int, error: Exception, move: bool, fallback: int | None):
+    path = os.path.join(self._root, which, str(step))
+    aside = os.path.join(self._root, DAMAGED, f'{which}_{step}')
+    aside += ''.join(f'.{n}' for n in [_free_suffix(aside)] if n)
+    if move:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(path, aside)
+      self._managers[which].reload()
+    where = f'moved to {aside}' if move else f'move it aside (mv {path} {aside}) to stop this check'
+    if fallback is None:
+      raise CheckpointError(f'checkpoint {path} (step {step}) is damaged and no earlier one is '
+                            f'kept ({type(error).__name__}: {str(error).splitlines()[0][:200]}); '
+                            f'{where}')
+    logging.warning('checkpoint %s (step %d) is damaged (%s: %s); %s; using step %d instead',
+                    path, step, type(error).__name__, str(error).splitlines()[0][:200], where,
+                    fallback)
+
   def saved_config(self, which: str = LATEST) -> dict[str, Any] | None:
     """The config saved with the newest ``which`` checkpoint (None: none, or saved without one)."""
     manager, step = self._managers[which], self.latest_step(which)
@@ -89,8 +160,9 @@ class Checkpoints:
     return None if restored is None else (*restored, which)
 
   def wait(self) -> None:
-    for manager in self._managers.values():
-      manager.wait_until_finished()
+    with self._disk_full_named():
+      for manager in self._managers.values():
+        manager.wait_until_finished()
 
   def close(self) -> None:
     for manager in self._managers.values():

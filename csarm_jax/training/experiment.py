@@ -18,7 +18,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from csarm_jax import methods, models
-from csarm_jax.data import normalization, splits
+from csarm_jax.data import normalization, plate_check, splits
 from csarm_jax.data.contexts import TOO_FEW
 from csarm_jax.data.store import ImageStore, StoreError, open_store
 from csarm_jax.evaluation.protocol import Protocol
@@ -43,6 +43,7 @@ class Experiment:
   steps_per_epoch: int
   total_steps: int                 # upper bound: early stopping may end sooner
   protocol: Protocol               # how held-out plates are evaluated
+  skipped: dict[str, Any] = dataclasses.field(default_factory=dict)   # plate_check's report
 
   def preprocess(self, images: jax.Array) -> jax.Array:
     """The one input transform of training, evaluation and prediction."""
@@ -223,6 +224,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     _require(config.data.crop_size <= min(h, w), 'data.crop_size',
              f'{config.data.crop_size} exceeds the stored images ({h}x{w})')
   fold = select_fold(config, store, workdir)
+  store, fold, skipped = plate_check.check_fold(
+      store, fold, method, skip_bad=config.data.skip_bad_plates,
+      hint='set config.data.skip_bad_plates=true to skip them')
   _require(len(fold.test) > 0, 'split', f'fold {fold.name} has no test plates')
   mesh = parallel.make_mesh()
   for field in ('data.contexts_per_step', 'eval.contexts_per_step'):
@@ -239,7 +243,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     raise ConfigError(f'config.model: {e}') from None
   steps_per_epoch, total_steps = schedule_length(config, store, fold)
   return Experiment(config, store, fold, norm, model, method, make_optimizer(config, total_steps), mesh,
-                    steps_per_epoch, total_steps, Protocol.from_config(config, store.kind))
+                    steps_per_epoch, total_steps, Protocol.from_config(config, store.kind), skipped)
 
 
 def model_spec(exp) -> dict[str, Any]:

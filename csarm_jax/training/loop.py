@@ -29,6 +29,7 @@ from csarm_jax.data import pipeline
 from csarm_jax.evaluation import protocol, suite
 from csarm_jax import nested, parallel
 from csarm_jax.training import checkpoint, experiment
+from csarm_jax.training import workdir as workdir_lib
 from csarm_jax.training.metrics_log import MetricsLog
 from csarm_jax.training.state import TrainState, abstract_state, create_state
 from csarm_jax.evaluation.step import compiled_eval_step
@@ -107,7 +108,7 @@ def train(exp: experiment.Experiment, workdir: str,
   ckpt = checkpoint.Checkpoints(workdir)
   batches = _train_batches(exp)
   meta = _fresh_meta()
-  restored = ckpt.restore(checkpoint.LATEST, abstract)
+  restored = ckpt.restore(checkpoint.LATEST, abstract, move_damaged=True)
   if restored is not None:
     state, data_state, meta = restored
     batches.set_state(data_state)
@@ -120,7 +121,8 @@ def train(exp: experiment.Experiment, workdir: str,
   step_fn = compile_train_step(make_train_step(exp.model, exp.method, exp.tx, exp.preprocess),
                                exp.mesh)
   eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
-  log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  log = MetricsLog(workdir, enabled=jax.process_index() == 0,
+                  resumed_at=int(state.step) if restored is not None else None)
   lead = jax.process_index() == 0
   step = int(state.step)
   eval_every = c.train.eval_every_epochs * exp.steps_per_epoch
@@ -295,14 +297,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   d = config.distributed
   parallel.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id,
                                         enabled=d.enabled)
-  os.makedirs(workdir, exist_ok=True)
   quiet_library_logs()
-  exp = experiment.build(config, workdir)
+  with workdir_lib.removed_on_failure(workdir):     # a failed config check leaves no workdir
+    exp = experiment.build(config, workdir)
+    spec = experiment.model_spec(exp)
+    workdir_lib.check_resume(workdir, json.loads(config.to_json_best_effort()), spec)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(os.path.join(workdir, workdir_lib.CONFIG), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
-    with open(os.path.join(workdir, 'model.json'), 'w') as f:
-      json.dump(experiment.model_spec(exp), f, indent=1)
+    with open(os.path.join(workdir, workdir_lib.SPEC), 'w') as f:
+      json.dump(spec, f, indent=1)
   logging.info('%s | %s | %s on %d devices | %d steps/epoch, at most %d steps',
                exp.fold.description, exp.method.name, config.model.name, exp.mesh.size,
                exp.steps_per_epoch, exp.total_steps)
@@ -313,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       results = suite.evaluate_all(exp, state.variables, exp.protocol, workdir)
   final = {'method': exp.method.name, 'fold': exp.fold.name, 'seed': config.seed,
            'best_step': meta['best_step'], 'stopped_early': meta['stopped_early'],
-           'evaluated_step': int(state.step), 'evaluations': results}
+           'evaluated_step': int(state.step), 'skipped': exp.skipped, 'evaluations': results}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(final, f, indent=1)

@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
       'num_controls': 128,          # same-plate DMSO controls per context (methods that use them)
       'contexts_per_step': 8,       # contexts per optimizer update (a multiple of the devices)
       'too_few': 'replace',         # plates with too few images: sample with replacement (reported)
+      'skip_bad_plates': True,      # skip (and report) plates that cannot form a context and
+                                    # images holding NaN/inf; False: refuse them at start
       'norm_max_images': config_dict.placeholder(int),   # cap the normalisation pass (None: all)
       'num_threads': 4,             # grain threads, each reading one batch (itself concurrent)
       'prefetch': 4,                # batches read ahead (>= num_threads: grain runs at most this

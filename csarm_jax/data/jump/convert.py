@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 from concurrent import futures
 from dataclasses import dataclass
@@ -295,10 +296,35 @@ def qc_line(counts: dict[str, Any], report: str) -> str:
           f"problems: {fmt(counts['problems'])}; notes: {fmt(counts['notes'])}; details: {report}")
 
 
+def _write_qc(kv: ts.KvStore, entries: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+  """Writes qc_report.csv from the ledger; returns its entries in shard order."""
+  ordered = [entries[s] for s in sorted(entries)]
+  qc = pd.DataFrame([i for e in ordered for i in e['issues']], columns=list(QC_COLUMNS))
+  kv.write(QC_KEY, qc.to_csv(index=False).encode()).result()
+  return ordered
+
+
+def _refuse_too_few(out: str, kv: ts.KvStore, entries: dict[int, dict[str, Any]], num_sites: int,
+                    min_written: float, report: str) -> None:
+  """A conversion that wrote no site (or under ``min_written`` of them) fails without marking the
+  store complete; its empty shards leave the ledger, so a re-run (files fetched) converts them."""
+  counts = qc_counts(num_sites, [entries[s] for s in sorted(entries)])
+  if counts['written'] >= max(1, math.ceil(min_written * num_sites)):
+    return
+  _write_qc(kv, entries)
+  for shard, entry in entries.items():
+    if not entry['sites']:
+      kv.delete_range(ts.KvStore.KeyRange(_ledger_key(shard), _ledger_key(shard) + '\0')).result()
+  raise ConvertError(f'{out}: {counts["written"]} of {num_sites} sites written (at least '
+                     f'{max(1, math.ceil(min_written * num_sites))} required), so the store is not '
+                     f'marked complete; fetch the missing files and re-run. '
+                     + qc_line(counts, report))
+
+
 def _finalise(out: str, kv: ts.KvStore, index: pd.DataFrame, info: dict[str, Any], run: dict[str, Any],
               entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
   """Writes qc_report.csv, the table and (last) the manifest from the ledger."""
-  ordered = [entries[s] for s in sorted(entries)]
+  ordered = _write_qc(kv, entries)
   # (row, source height, source width) of every written site, in row order
   written = np.array([site for e in ordered for site in e['sites']], dtype=np.int64).reshape(-1, 3)
   table = index.iloc[written[:, 0]][list(store_lib.ID_COLUMNS) + list(TABLE_EXTRAS)
@@ -307,8 +333,6 @@ def _finalise(out: str, kv: ts.KvStore, index: pd.DataFrame, info: dict[str, Any
   table['label'] = table['label'].astype(np.int64)
   table['row'] = written[:, 0]
   table['source_height'], table['source_width'] = written[:, 1], written[:, 2]
-  qc = pd.DataFrame([i for e in ordered for i in e['issues']], columns=list(QC_COLUMNS))
-  kv.write(QC_KEY, qc.to_csv(index=False).encode()).result()
   counts = qc_counts(len(index), ordered)
   created_by = {'tool': 'csarm_jax.data.jump.convert', 'command': run['command'],
                 'index': {'path': run['index_path'], 'sha256': run['request']['index_sha256']},
@@ -347,10 +371,12 @@ def _same_run(request: dict[str, Any], saved: dict[str, Any]) -> bool:
 
 def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOptions(),
                   workers: int = 1, overwrite: bool = False, command: str = '',
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, min_written: float = 0.0) -> dict[str, Any]:
   """Converts (or continues converting) the sites of an index into the store at ``out``.
 
   Returns the QC counts; logs the QC summary line. See the module docstring for the guarantees.
+  Raises ConvertError, leaving the store incomplete, if no site (or fewer than the fraction
+  ``min_written`` of them) could be written.
   """
   index, info = read_index(index_path)
   if index.empty:
@@ -403,6 +429,7 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
     for entry in _execute(jobs, workers):
       entries[entry['shard']] = entry
       bar.update(min(size, len(index) - entry['shard'] * size))
+  _refuse_too_few(out, kv, entries, len(index), min_written, report)
   counts = _finalise(out, kv, index, info, run, entries)
   log.info(qc_line(counts, report))
   return counts
