@@ -71,11 +71,12 @@ def _member(store, **spec):
   """An export as far as the compatibility check reads it."""
   from csarm_jax import inference, methods
   from csarm_jax.data.normalization import NormStats
+  from csarm_jax.evaluation.protocol import Protocol
   spec = {'store_kind': store.kind, 'channels': store.channels, 'crop_size': 8,
           'classes': [{'id': i, 'name': n} for i, n in zip(store.class_ids, store.class_names)],
           'eval': {'num_perturbed': 4, 'num_controls': 4, 'seed': 0, 'too_few': 'replace'}, **spec}
   return inference.Predictor('exports/m', None, None, methods.get('cs_arm_bn'),
-                             NormStats(mean=None, std=None), spec)
+                             NormStats(mean=None, std=None), spec, Protocol.from_spec(spec))
 
 
 @pytest.mark.parametrize('spec, line', [
