@@ -2,4 +2,4 @@
 from csarm_jax.training.experiment import ConfigError
 from csarm_jax.training.loop import Preempted, train_and_evaluate
 from csarm_jax.training.state import TrainState, create_state
-from csarm_jax.training.step import compile_train_step, make_train_step
+from csarm_jax.training.step import check_microbatch, compile_train_step, make_train_step
