@@ -95,6 +95,7 @@ class ResNet(nn.Module):
   downsample: str = 'avgpool'      # 'avgpool' (reference) | 'strided' (torchvision)
   zero_init_last_bn: bool = True
   dtype: Any = jnp.float32         # compute dtype; parameters and BN statistics stay float32
+  remat: bool = False              # recompute each block's activations in the backward pass
   input_rank = 4
 
   @nn.compact
@@ -102,6 +103,8 @@ class ResNet(nn.Module):
     if self.downsample not in ('avgpool', 'strided'):
       raise ValueError(f"downsample must be 'avgpool' or 'strided', got {self.downsample!r}")
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
+    if self.remat:      # keeps only block inputs for the backward pass; `mode` (arg 2) is static
+      block_cls = nn.remat(block_cls, static_argnums=(2,))
     min_size = 2 ** (len(self.stage_sizes) + 1)      # stem /2, max-pool /2, each later stage /2
     if min(x.shape[1:3]) < min_size:
       raise ValueError(f'{self.num_classes}-class ResNet needs images of at least {min_size}x{min_size} '

@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
       'name': 'resnet50',
       'options': {'width': 64, 'downsample': 'avgpool', 'zero_init_last_bn': True},
       'dtype': 'float32',           # compute dtype; 'bfloat16' keeps float32 parameters/statistics
+      'remat': False,               # ResNets: recompute each block in the backward pass (memory)
   })
 
   c.data = ml_collections.ConfigDict({
@@ -28,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
       'num_perturbed': 64,          # labelled images per training context
       'num_controls': 128,          # same-plate DMSO controls per context (methods that use them)
       'contexts_per_step': 8,       # contexts per optimizer update (a multiple of the devices)
+      # Contexts forwarded at once inside the step (None: all; else divides contexts_per_step, a
+      # multiple of the devices): gradients accumulate over micro-batches, memory follows it.
+      'contexts_per_microbatch': config_dict.placeholder(int),
       'too_few': 'replace',         # plates with too few images: sample with replacement (reported)
       'norm_max_images': config_dict.placeholder(int),   # cap the normalisation pass (None: all)
       'num_threads': 4,             # grain threads, each reading one batch (itself concurrent)
