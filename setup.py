@@ -36,5 +36,7 @@ setup(
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5'],
         'cuda12': ['jax[cuda12]>=0.10.0'],
         'tpu': ['jax[tpu]>=0.10.0'],
+        # experiments/benchmark_torch.py only (side-by-side CPU comparison); never needed to run.
+        'bench': ['torch==2.13.0'],
     },
 )

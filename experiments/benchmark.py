@@ -28,7 +28,8 @@ from absl import app, flags
 from bench_common import host_info
 from csarm_jax.data.store_writer import DEFAULT_COMPRESSION
 
-_BENCH = flags.DEFINE_enum('bench', 'step', ['step', 'loader', 'train', 'memory'], 'What to measure.')
+_BENCH = flags.DEFINE_enum('bench', 'step', ['step', 'loader', 'train', 'memory'],
+                           'What to measure.')
 _MODEL = flags.DEFINE_string('model', 'resnet18', 'Model name (csarm_jax.models.names()).')
 _WIDTH = flags.DEFINE_integer('width', 64, 'ResNet/CNN base width.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 128, 'Crop size fed to the model (square).')

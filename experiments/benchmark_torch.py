@@ -1,4 +1,4 @@
-r"""The CPU training step and forward pass of csarm-jax against an equivalent PyTorch implementation.
+r"""The CPU training step and forward pass of csarm-jax against an equivalent PyTorch model.
 
 Both run in one process, alternated step by step (the machine may be shared, so only the ratio
 means anything); the ratio is PyTorch's median time over JAX's (>= 1: JAX at least as fast).
@@ -44,7 +44,8 @@ def torch_resnet(name: str, in_channels: int, num_classes: int):
       out = planes * (4 if bottleneck else 1)
       if bottleneck:
         self.main = nn.Sequential(
-            nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+            nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
             nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes),
             nn.ReLU(inplace=True), nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
             nn.Conv2d(planes, out, 1, bias=False), nn.BatchNorm2d(out))

@@ -101,7 +101,8 @@ def test_remat_gives_the_same_variables_outputs_gradients_and_running_averages(n
                                     weights=weights, mutable=['batch_stats'])
       ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)
       return jnp.sum(ce[:, 0] * weights), (logits, updates)
-    results.append((variables, jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])))
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    results.append((variables, grad_fn(variables['params'])))
   (v0, out0), (v1, out1) = results
   chex.assert_trees_all_equal(v0, v1)                    # same names and shapes: checkpoints load
   chex.assert_trees_all_close(out1, out0, rtol=1e-3, atol=1e-4)   # fusion order differs
@@ -114,7 +115,8 @@ def test_pointwise_conv_equals_a_1x1_convolution_forward_and_gradients(strides):
   import flax.linen as nn
   x = jax.random.normal(jax.random.key(0), (3, 6, 6, 8))
   dot = PointwiseConv(5, strides)
-  conv = nn.Conv(5, (1, 1), strides=strides, use_bias=False, kernel_init=models.resnet.kaiming_fan_out)
+  conv = nn.Conv(5, (1, 1), strides=strides, use_bias=False,
+                 kernel_init=models.resnet.kaiming_fan_out)
   params = conv.init(jax.random.key(1), x)
   chex.assert_trees_all_equal_shapes(params, dot.init(jax.random.key(1), x))
   cotangent = jax.random.normal(jax.random.key(2), conv.apply(params, x).shape)

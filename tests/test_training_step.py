@@ -161,7 +161,8 @@ def test_micro_batched_update_equals_all_at_once(method_name, micro):
   if not methods.get(method_name).running_stats:
     chex.assert_trees_all_equal(got.batch_stats, state.batch_stats)
   else:   # the running averages moved, so the comparison above is not vacuous
-    assert not np.allclose(jax.tree.leaves(got.batch_stats)[0], jax.tree.leaves(state.batch_stats)[0])
+    moved = jax.tree.leaves(got.batch_stats)[0]
+    assert not np.allclose(moved, jax.tree.leaves(state.batch_stats)[0])
 
 
 def test_micro_batched_sharded_update_equals_single_device_all_at_once():

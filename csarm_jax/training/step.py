@@ -49,8 +49,9 @@ def check_microbatch(contexts_per_step: int, contexts_per_microbatch: int | None
   """Micro-batches split the step's contexts evenly, each itself split evenly across devices."""
   b = contexts_per_microbatch
   if b and (contexts_per_step % b or b % num_devices):
-    raise ValueError(f'contexts_per_microbatch={b} must divide contexts_per_step={contexts_per_step} '
-                     f'and be a multiple of the number of devices ({num_devices})')
+    raise ValueError(f'contexts_per_microbatch={b} must divide contexts_per_step='
+                     f'{contexts_per_step} and be a multiple of the number of devices '
+                     f'({num_devices})')
 
 
 def _micro_groups(batch: Batch, size: int) -> Batch:
