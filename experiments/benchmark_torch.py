@@ -1,10 +1,11 @@
 r"""The CPU training step and forward pass of csarm-jax against an equivalent PyTorch model.
 
 Both run in one process, alternated step by step (the machine may be shared, so only the ratio
-means anything); the ratio is PyTorch's median time over JAX's (>= 1: JAX at least as fast).
+means anything); the ratio is PyTorch's median time over JAX's (>= 1: JAX at least as fast), for
+each JAX variant (``--conv1x1``: 1x1 convolutions as convolutions, the default, or matrix products).
 
   pip install -e .[bench]        # torch, for this script only
-  python experiments/benchmark_torch.py --models=resnet50,resnet18 --sizes=64,128
+  python experiments/benchmark_torch.py --models=resnet50,resnet18 --sizes=64,128 --conv1x1=conv,dot
 
 The step is one context of P perturbed + K control images: train-mode BatchNorm over the context,
 mean cross-entropy over the perturbed rows, backward, one Adam update. The forward pass is the same
@@ -29,8 +30,8 @@ _PERTURBED = flags.DEFINE_integer('perturbed', 16, 'Perturbed (labelled) images 
 _CONTROLS = flags.DEFINE_integer('controls', 32, 'Control images per context.')
 _CHANNELS = flags.DEFINE_integer('channels', 5, 'Image channels.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per framework (after one warm-up step).')
-_CONV1X1 = flags.DEFINE_enum('conv1x1', 'conv', ['conv', 'dot'],
-                             'JAX: 1x1 convolutions as convolutions or matrix products.')
+_CONV1X1 = flags.DEFINE_list('conv1x1', ['conv', 'dot'],
+                             "JAX variants timed: 1x1 convolutions as 'conv' and/or 'dot'.")
 
 
 def torch_resnet(name: str, in_channels: int, num_classes: int):
@@ -102,7 +103,7 @@ def torch_fns(name: str, images, labels) -> tuple[Callable, Callable]:
   return step, forward
 
 
-def jax_fns(name: str, images, labels) -> tuple[Callable, Callable]:
+def jax_fns(name: str, images, labels, conv1x1: str) -> tuple[Callable, Callable]:
   """(train step, forward) of csarm-jax's compiled CS-ARM-BN step on the same context."""
   import jax
   import jax.numpy as jnp
@@ -111,7 +112,7 @@ def jax_fns(name: str, images, labels) -> tuple[Callable, Callable]:
   import csarm_jax as cj
   from csarm_jax import methods, models, training
 
-  model = models.create(name, 8, in_channels=images.shape[-1], conv1x1=_CONV1X1.value)
+  model = models.create(name, 8, in_channels=images.shape[-1], conv1x1=conv1x1)
   tx = optax.adam(1e-3)
   preprocess = lambda x: x.astype(jnp.float32) / 255.0
   batch = {'images': images[None], 'labels': labels[None],
@@ -132,18 +133,22 @@ def jax_fns(name: str, images, labels) -> tuple[Callable, Callable]:
   return step, forward
 
 
-def alternate(jax_fn: Callable, torch_fn: Callable, steps: int) -> dict[str, Any]:
-  """One warm-up call each (JAX compiles), then `steps` alternated timed calls; medians, ratio."""
-  jax_fn(), torch_fn()
-  times = {'jax': [], 'torch': []}
+def alternate(fns: dict[str, Callable], steps: int) -> dict[str, Any]:
+  """One warm-up call each (JAX compiles), then `steps` rounds calling every fn in turn; the
+  median seconds of each and PyTorch's median over each JAX variant's."""
+  for fn in fns.values():
+    fn()
+  times = {k: [] for k in fns}
   for _ in range(steps):
-    for which, fn in (('jax', jax_fn), ('torch', torch_fn)):
+    for which, fn in fns.items():
       start = time.perf_counter()
       fn()
       times[which].append(time.perf_counter() - start)
   medians = {k: statistics.median(v) for k, v in times.items()}
-  return {'jax_s_median': round(medians['jax'], 4), 'torch_s_median': round(medians['torch'], 4),
-          'torch_over_jax': round(medians['torch'] / medians['jax'], 3)}
+  out = {f'{k}_s_median': round(v, 4) for k, v in medians.items()}
+  out.update({f'torch_over_{k}': round(medians['torch'] / v, 3) for k, v in medians.items()
+              if k != 'torch'})
+  return out
 
 
 def main(argv):
@@ -158,11 +163,11 @@ def main(argv):
       images = rng.integers(0, 256, (m, size, size, _CHANNELS.value), dtype=np.uint8)
       labels = np.full(m, -1, np.int32)
       labels[:_PERTURBED.value] = rng.integers(0, 8, _PERTURBED.value)
-      j_step, j_fwd = jax_fns(name, images, labels)
-      t_step, t_fwd = torch_fns(name, images, labels)
-      rows.append({'model': name, 'image_size': size, 'images': m,
-                   'step': alternate(j_step, t_step, _STEPS.value),
-                   'forward': alternate(j_fwd, t_fwd, _STEPS.value)})
+      fns = {f'jax_{kind}': jax_fns(name, images, labels, kind) for kind in _CONV1X1.value}
+      fns['torch'] = torch_fns(name, images, labels)
+      rows.append({'model': name, 'image_size': size, 'images': m, **{
+          what: alternate({k: v[i] for k, v in fns.items()}, _STEPS.value)
+          for i, what in enumerate(('step', 'forward'))}})
       print(json.dumps(rows[-1]), flush=True)
   print(json.dumps({'bench': 'torch_vs_jax', 'host': host_info(('numpy', 'jax', 'flax', 'torch')),
                     'torch_threads': torch.get_num_threads(), 'conv1x1': _CONV1X1.value,
