@@ -85,6 +85,13 @@ def test_bad_model_names_and_options():
                           jnp.zeros((1, 32, 32, 5)))
 
 
+def _assert_close_to_scale(actual, expected, rel=1e-5):
+  """Leaf by leaf, equal up to float32 rounding relative to the leaf's largest magnitude (deep
+  ResNet gradients span orders of magnitude; summation order differs between the two forms)."""
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=rel * float(np.max(np.abs(e))) + 1e-7)
+
+
 @pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
 def test_remat_gives_the_same_variables_outputs_gradients_and_running_averages(name):
   """Rematerialisation changes what is stored for the backward pass, nothing computed."""
@@ -105,7 +112,7 @@ def test_remat_gives_the_same_variables_outputs_gradients_and_running_averages(n
     results.append((variables, grad_fn(variables['params'])))
   (v0, out0), (v1, out1) = results
   chex.assert_trees_all_equal(v0, v1)                    # same names and shapes: checkpoints load
-  chex.assert_trees_all_close(out1, out0, rtol=1e-3, atol=1e-4)   # fusion order differs
+  _assert_close_to_scale(out1, out0)
   assert float(jnp.abs(out0[1]['stage1_block0']['conv1']['kernel']).sum()) > 0
 
 
@@ -135,4 +142,4 @@ def test_resnet50_with_1x1_convolutions_as_matrix_products_is_the_same_model():
     loss = lambda p: jnp.sum(jnp.sin(cj.context_forward(model, {**variables, 'params': p}, x)))
     out[kind] = variables, jax.jit(jax.value_and_grad(loss))(variables['params'])
   chex.assert_trees_all_equal(out['dot'][0], out['conv'][0])       # same initial parameters
-  chex.assert_trees_all_close(out['dot'][1], out['conv'][1], rtol=1e-4, atol=1e-5)
+  _assert_close_to_scale(out['dot'][1], out['conv'][1])
