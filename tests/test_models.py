@@ -133,13 +133,20 @@ def test_pointwise_conv_equals_a_1x1_convolution_forward_and_gradients(strides):
   chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
 
 
-def test_resnet50_with_1x1_convolutions_as_matrix_products_is_the_same_model():
-  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 5))
-  out = {}
-  for kind in ('conv', 'dot'):
-    model = models.create('resnet50', 4, width=4, zero_init_last_bn=False, conv1x1=kind)
-    variables = models.init_variables(model, jax.random.key(1), x)
-    loss = lambda p: jnp.sum(jnp.sin(cj.context_forward(model, {**variables, 'params': p}, x)))
-    out[kind] = variables, jax.jit(jax.value_and_grad(loss))(variables['params'])
-  chex.assert_trees_all_equal(out['dot'][0], out['conv'][0])       # same initial parameters
-  _assert_close_to_scale(out['dot'][1], out['conv'][1])
+@pytest.mark.parametrize('downsample', ['avgpool', 'strided'])
+def test_1x1_convolutions_as_matrix_products_give_the_same_model(downsample):
+  """Same ResNet-50 parameters (checkpoints interchangeable); a strided bottleneck (1x1 convs in
+  the main path and the projection shortcut) gives the same outputs and gradients."""
+  from csarm_jax.models.resnet import Bottleneck
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 8))
+  inits = [models.init_variables(models.create('resnet50', 4, width=4, conv1x1=kind),
+                                 jax.random.key(1), x[..., :5]) for kind in ('conv', 'dot')]
+  chex.assert_trees_all_equal(inits[1], inits[0])
+  blocks = [Bottleneck(4, 2, downsample, False, jnp.float32, kind) for kind in ('conv', 'dot')]
+  variables = blocks[0].init(jax.random.key(2), x, 'context', None)
+  cotangent = jax.random.normal(jax.random.key(3), (4, 16, 16, 16))
+  out = [jax.value_and_grad(lambda p, x: jnp.sum(b.apply({**variables, 'params': p}, x, 'context',
+                                                         None) * cotangent), argnums=(0, 1))(
+                                                             variables['params'], x)
+         for b in blocks]
+  _assert_close_to_scale(out[1], out[0])
