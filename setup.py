@@ -36,6 +36,8 @@ setup(
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5'],
         'cuda12': ['jax[cuda12]>=0.10.0'],
         'tpu': ['jax[tpu]>=0.10.0'],
-        'torch': ['torch==2.13.0'],   # only to read the reference's checkpoints (import_torch.py)
+        # torch only reads the reference's checkpoints (import_torch.py) and runs the side-by-side
+        # CPU comparison (benchmark_torch.py); never needed to train or predict.
+        'torch': ['torch==2.13.0'],
     },
 )

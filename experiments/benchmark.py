@@ -4,6 +4,8 @@ r"""Benchmarks that print JSON with the backend, devices and shapes (never run a
                                                    # device-resident contexts + adapt/predict latency
   python experiments/benchmark.py --bench=loader   # the input pipeline alone (540x540x5 uint8 store)
   python experiments/benchmark.py --bench=train    # the full step with data from a store
+  python experiments/benchmark.py --bench=memory   # compile (never run) the step: XLA's memory
+                                                   # and cost analysis, any shape, any backend
 
   # the paper's setting on an accelerator:
   python experiments/benchmark.py --bench=step --model=resnet50 --image_size=256 --perturbed=64 \
@@ -26,7 +28,8 @@ from absl import app, flags
 from bench_common import host_info
 from csarm_jax.data.store_writer import DEFAULT_COMPRESSION
 
-_BENCH = flags.DEFINE_enum('bench', 'step', ['step', 'loader', 'train'], 'What to measure.')
+_BENCH = flags.DEFINE_enum('bench', 'step', ['step', 'loader', 'train', 'memory'],
+                           'What to measure.')
 _MODEL = flags.DEFINE_string('model', 'resnet18', 'Model name (csarm_jax.models.names()).')
 _WIDTH = flags.DEFINE_integer('width', 64, 'ResNet/CNN base width.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 128, 'Crop size fed to the model (square).')
@@ -35,6 +38,9 @@ _PERTURBED = flags.DEFINE_integer('perturbed', 16, 'Perturbed (labelled) images 
 _CONTROLS = flags.DEFINE_integer('controls', 32, 'DMSO control images per context.')
 _CONTEXTS = flags.DEFINE_integer('contexts', 4, 'Contexts per step (a multiple of the devices).')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_MICRO = flags.DEFINE_integer('contexts_per_microbatch', 0,
+                               'Contexts per micro-batch inside the step (0: all at once).')
+_REMAT = flags.DEFINE_bool('remat', False, 'Rematerialise each residual block (model.remat).')
 _METHOD = flags.DEFINE_string('method', 'cs_arm_bn', 'Method whose training step is timed.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after one compile step).')
 _STORE_SIZES = flags.DEFINE_list('store_sizes', ['512', '2048'],
@@ -70,9 +76,8 @@ def _time_steps(step, state, batch) -> tuple[float, list[float], Any]:
   return compile_s, times, holder['state']
 
 
-def _setup():
-  """Model, method, optimizer, mesh, replicated state and compiled step from the flags."""
-  import jax
+def _model_method_step(mesh):
+  """Model, method, optimizer and compiled (not yet traced) step from the flags."""
   import jax.numpy as jnp
   import optax
   from csarm_jax import methods, models, parallel, training
@@ -80,16 +85,29 @@ def _setup():
   options = dict(in_channels=_CHANNELS.value, dtype=_DTYPE.value)
   if _MODEL.value != 'mlp':
     options['width'] = _WIDTH.value
+  if _REMAT.value:
+    options['remat'] = True
   model = models.create(_MODEL.value, 8, **options)
   method = methods.get(_METHOD.value)
   tx = optax.adam(1e-3)
-  mesh = parallel.make_mesh()
   parallel.check_contexts_divide(_CONTEXTS.value, mesh, '--contexts')
+  training.check_microbatch(_CONTEXTS.value, _MICRO.value, mesh.size)
+  preprocess = lambda x: x.astype(jnp.float32) / 255.0
+  step = training.make_train_step(model, method, tx, preprocess, _MICRO.value)
+  return model, method, tx, training.compile_train_step(step, mesh)
+
+
+def _setup():
+  """Model, method, mesh, replicated state and compiled step from the flags."""
+  import jax
+  import jax.numpy as jnp
+  from csarm_jax import parallel, training
+
+  mesh = parallel.make_mesh()
+  model, method, tx, step = _model_method_step(mesh)
   size, ch = _IMAGE_SIZE.value, _CHANNELS.value
   state = parallel.replicate(
       training.create_state(model, tx, jax.random.key(0), jnp.zeros((2, size, size, ch))), mesh)
-  preprocess = lambda x: x.astype(jnp.float32) / 255.0
-  step = training.compile_train_step(training.make_train_step(model, method, tx, preprocess), mesh)
   return model, method, mesh, state, step
 
 
@@ -102,6 +120,51 @@ def _shapes(method) -> dict[str, Any]:
   return {'contexts_per_step': _CONTEXTS.value, 'perturbed': _PERTURBED.value,
           'controls': _controls(method),
           'crop': [_IMAGE_SIZE.value, _IMAGE_SIZE.value, _CHANNELS.value]}
+
+
+def _batch_arrays(method, make):
+  """The step's batch from the flags, each array made by ``make(shape, dtype)``."""
+  import numpy as np
+  c, m, size, ch = _CONTEXTS.value, _PERTURBED.value + _controls(method), _IMAGE_SIZE.value, \
+      _CHANNELS.value
+  return {
+      'images': make((c, m, size, size, ch), np.uint8), 'labels': make((c, m), np.int32),
+      'mask': make((c, m), np.float32), 'is_control': make((c, m), np.bool_)}
+
+
+def memory_benchmark() -> dict[str, Any]:
+  """Compiles the step for the flags' shapes without running it (nothing the size of the batch or
+  the activations is allocated) and reports XLA's buffer plan and cost estimate. Set
+  ``XLA_FLAGS=--xla_dump_to=DIR`` to see the buffer assignment that sets the peak."""
+  import jax
+  from csarm_jax import parallel, training
+
+  mesh = parallel.make_mesh()
+  model, method, tx, step = _model_method_step(mesh)
+  size, ch = _IMAGE_SIZE.value, _CHANNELS.value
+  example = jax.ShapeDtypeStruct((2, size, size, ch), 'float32')
+  state = training.abstract_state(model, tx, example, parallel.replicated(mesh))
+  batch = _batch_arrays(method, lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=parallel.context_sharded(mesh)))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  gib = lambda b: round(b / 2 ** 30, 3)
+  memory = {k: gib(getattr(mem, f'{k}_size_in_bytes')) for k in
+            ('argument', 'output', 'alias', 'temp', 'generated_code')} if mem is not None else None
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0)) if cost else None
+  images = _CONTEXTS.value * (_PERTURBED.value + _controls(method))
+  return {'bench': 'memory', 'host': host_info(), 'model': _MODEL.value, 'width': _WIDTH.value,
+          'dtype': _DTYPE.value, 'method': method.name, 'shapes': _shapes(method),
+          'contexts_per_microbatch': _MICRO.value or _CONTEXTS.value, 'remat': _REMAT.value,
+          'compile_s': round(compile_s, 1), 'memory_gib_per_device': memory,
+          'peak_estimate_gib': (memory['argument'] + memory['output'] - memory['alias'] +
+                                memory['temp']) if memory else None,
+          'flops': flops, 'gflop_per_image': round(flops / images / 1e9, 2) if flops else None,
+          'bytes_accessed': float(cost.get('bytes accessed', 0.0)) if cost else None}
 
 
 def _random_batch(mesh, method):
@@ -220,7 +283,8 @@ def train_benchmark() -> dict[str, Any]:
 
 def main(argv):
   del argv
-  bench = {'step': step_benchmark, 'loader': loader_benchmark, 'train': train_benchmark}
+  bench = {'step': step_benchmark, 'loader': loader_benchmark, 'train': train_benchmark,
+           'memory': memory_benchmark}
   print(json.dumps(bench[_BENCH.value](), indent=1))
 
 

@@ -32,17 +32,18 @@ def make_batch(num_contexts=4, perturbed=4, controls=2, seed=0, pad=1):
           'rows': np.arange(num_contexts * m).reshape(num_contexts, m)}
 
 
-def make(method='cs_arm_bn', tx=None, seed=0, dtype='float32'):
+def make(method='cs_arm_bn', tx=None, seed=0, dtype='float32', contexts_per_microbatch=None):
   model = models.create('cnn', CLASSES, width=4, num_stages=2, dtype=dtype)
   tx = tx or optax.adam(1e-2)
   state = training.create_state(model, tx, jax.random.key(seed), jnp.zeros((2, H, H, 5)))
-  step = training.make_train_step(model, methods.get(method), tx, preprocess)
+  step = training.make_train_step(model, methods.get(method), tx, preprocess,
+                                  contexts_per_microbatch)
   return model, tx, state, step
 
 
-def run_steps(method, mesh, batches, tx=None):
+def run_steps(method, mesh, batches, tx=None, contexts_per_microbatch=None):
   """Runs the compiled, sharded step over `batches` (numpy, global) on `mesh`; returns the state."""
-  model, tx, state, step = make(method, tx)
+  model, tx, state, step = make(method, tx, contexts_per_microbatch=contexts_per_microbatch)
   compiled = training.compile_train_step(step, mesh)
   state = parallel.replicate(state, mesh)
   for batch in batches:

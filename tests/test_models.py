@@ -108,3 +108,70 @@ def test_reference_head_pool_needs_a_7x7_map():
   with pytest.raises(ValueError, match='head_pool must be'):
     models.init_variables(models.create('resnet18', 2, width=4, head_pool='max'), jax.random.key(0),
                           jnp.zeros((1, 64, 64, 5)))
+
+
+def _assert_close_to_scale(actual, expected, rel=1e-5):
+  """Leaf by leaf, equal up to float32 rounding relative to the leaf's largest magnitude (deep
+  ResNet gradients span orders of magnitude; summation order differs between the two forms)."""
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=rel * float(np.max(np.abs(e))) + 1e-7)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
+def test_remat_gives_the_same_variables_outputs_gradients_and_running_averages(name):
+  """Rematerialisation changes what is stored for the backward pass, nothing computed."""
+  x = jax.random.normal(jax.random.key(0), (6, 32, 32, 5))
+  weights = jnp.array([1., 1., 1., 1., 1., 0.])
+  labels = jnp.array([0, 1, 2, 3, 0, 1])
+  results = []
+  for remat in (False, True):
+    model = models.create(name, 4, width=4, zero_init_last_bn=False, remat=remat)
+    variables = models.init_variables(model, jax.random.key(1), x)
+
+    def loss(params):
+      logits, updates = model.apply({**variables, 'params': params}, x, norm='context',
+                                    weights=weights, mutable=['batch_stats'])
+      ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)
+      return jnp.sum(ce[:, 0] * weights), (logits, updates)
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    results.append((variables, grad_fn(variables['params'])))
+  (v0, out0), (v1, out1) = results
+  chex.assert_trees_all_equal(v0, v1)                    # same names and shapes: checkpoints load
+  _assert_close_to_scale(out1, out0)
+  assert float(jnp.abs(out0[1]['stage1_block0']['conv1']['kernel']).sum()) > 0
+
+
+@pytest.mark.parametrize('strides', [1, 2])
+def test_pointwise_conv_equals_a_1x1_convolution_forward_and_gradients(strides):
+  from csarm_jax.models.resnet import PointwiseConv
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(0), (3, 6, 6, 8))
+  dot = PointwiseConv(5, strides)
+  conv = nn.Conv(5, (1, 1), strides=strides, use_bias=False,
+                 kernel_init=models.resnet.kaiming_fan_out)
+  params = conv.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal_shapes(params, dot.init(jax.random.key(1), x))
+  cotangent = jax.random.normal(jax.random.key(2), conv.apply(params, x).shape)
+  grads = [jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * cotangent), argnums=(0, 1))(params, x)
+           for m in (conv, dot)]
+  np.testing.assert_allclose(dot.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('downsample', ['avgpool', 'strided'])
+def test_1x1_convolutions_as_matrix_products_give_the_same_model(downsample):
+  """Same ResNet-50 parameters (checkpoints interchangeable); a strided bottleneck (1x1 convs in
+  the main path and the projection shortcut) gives the same outputs and gradients."""
+  from csarm_jax.models.resnet import Bottleneck
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 8))
+  inits = [models.init_variables(models.create('resnet50', 4, width=4, conv1x1=kind),
+                                 jax.random.key(1), x[..., :5]) for kind in ('conv', 'dot')]
+  chex.assert_trees_all_equal(inits[1], inits[0])
+  blocks = [Bottleneck(4, 2, downsample, False, jnp.float32, kind) for kind in ('conv', 'dot')]
+  variables = blocks[0].init(jax.random.key(2), x, 'context', None)
+  cotangent = jax.random.normal(jax.random.key(3), (4, 16, 16, 16))
+  out = [jax.value_and_grad(lambda p, x: jnp.sum(b.apply({**variables, 'params': p}, x, 'context',
+                                                         None) * cotangent), argnums=(0, 1))(
+                                                             variables['params'], x)
+         for b in blocks]
+  _assert_close_to_scale(out[1], out[0])

@@ -183,3 +183,42 @@ def test_method_options_are_checked():
     methods.get('ben', momentum=0.1)
   with pytest.raises(ValueError, match='statistics_gradient=False is for context-statistics'):
     methods.get('erm', statistics_gradient=False)
+
+
+@pytest.mark.parametrize('method_name', sorted(methods.METHODS))
+@pytest.mark.parametrize('micro', [1, 2])
+def test_micro_batched_update_equals_all_at_once(method_name, micro):
+  """Parameters, ERM's running averages and every metric, for each method; context 1 has no
+  labelled rows (it must drop out of the mean, not count as a zero loss)."""
+  batch = make_batch(controls=2 if methods.get(method_name).train_controls else 0)
+  batch['labels'][1] = -1
+  batch = jax.tree.map(jnp.asarray, batch)
+  _, _, state, whole = make(method_name, tx=optax.sgd(0.1))
+  _, _, _, parts = make(method_name, tx=optax.sgd(0.1), contexts_per_microbatch=micro)
+  expected, m_expected = jax.jit(whole)(state, batch)
+  got, m_got = jax.jit(parts)(state, batch)
+  chex.assert_trees_all_close(got.params, expected.params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(got.batch_stats, expected.batch_stats, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(m_got, m_expected, rtol=1e-5, atol=1e-6)
+  if not methods.get(method_name).running_stats:
+    chex.assert_trees_all_equal(got.batch_stats, state.batch_stats)
+  else:   # the running averages moved, so the comparison above is not vacuous
+    moved = jax.tree.leaves(got.batch_stats)[0]
+    assert not np.allclose(moved, jax.tree.leaves(state.batch_stats)[0])
+
+
+def test_micro_batched_sharded_update_equals_single_device_all_at_once():
+  batches = [make_batch(num_contexts=8, seed=s) for s in range(2)]
+  one, m1 = run_steps('erm', parallel.make_mesh(jax.devices()[:1]), batches)
+  four, m4 = run_steps('erm', parallel.make_mesh(), batches, contexts_per_microbatch=4)
+  for tree in ('params', 'batch_stats', 'opt_state'):
+    chex.assert_trees_all_close(getattr(four, tree), getattr(one, tree), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-6)
+
+
+def test_micro_batch_must_divide_the_contexts():
+  _, _, state, step = make(contexts_per_microbatch=3)
+  with pytest.raises(ValueError, match='contexts_per_microbatch=3 must divide contexts_per_step=4'):
+    step(state, jax.tree.map(jnp.asarray, make_batch()))
+  with pytest.raises(ValueError, match='multiple of the number of devices'):
+    training.check_microbatch(8, 2, num_devices=4)

@@ -37,6 +37,35 @@ def _head_pool(x: jax.Array, kind: str) -> jax.Array:
   return jnp.mean(x, axis=(1, 2))
 
 
+class PointwiseConv(nn.Module):
+  """A bias-free 1x1 convolution written as a matrix product over the channel axis.
+
+  Same parameter ('kernel', shape (1, 1, in, out)) and initialisation as ``nn.Conv(out, (1, 1))``,
+  so checkpoints are interchangeable; equal to it up to float rounding. XLA:CPU runs the gradients
+  of this contraction 2-3x faster than those of the convolution.
+  """
+  features: int
+  strides: int = 1
+  dtype: Any = None
+  kernel_init: Any = kaiming_fan_out
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if self.strides > 1:
+      x = x[:, ::self.strides, ::self.strides]
+    return jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])
+
+
+def _conv1x1(kind: str, features: int, dtype, strides: int = 1, name: str | None = None):
+  """A 1x1 convolution module: ``'conv'`` (nn.Conv, the default) or ``'dot'`` (PointwiseConv)."""
+  if kind == 'dot':
+    return PointwiseConv(features, strides, dtype=dtype, name=name)
+  return nn.Conv(features, (1, 1), strides=strides, use_bias=False, dtype=dtype,
+                 kernel_init=kaiming_fan_out, name=name)
+
+
 def _avg_pool(x: jax.Array, stride: int) -> jax.Array:
   return nn.avg_pool(x, (stride, stride), strides=(stride, stride)) if stride > 1 else x
 
@@ -47,6 +76,7 @@ class BasicBlock(nn.Module):
   downsample: str
   zero_init_last: bool
   dtype: Any
+  conv1x1: str = 'conv'
   expansion = 1
 
   @nn.compact
@@ -70,6 +100,7 @@ class Bottleneck(nn.Module):
   downsample: str
   zero_init_last: bool
   dtype: Any
+  conv1x1: str = 'conv'
   expansion = 4
 
   @nn.compact
@@ -78,12 +109,13 @@ class Bottleneck(nn.Module):
     norm = partial(ContextBatchNorm, dtype=self.dtype)
     last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
     pool_main = self.downsample == 'avgpool'
-    y = nn.relu(norm(name='bn1')(conv(self.planes, (1, 1), name='conv1')(x), mode, weights))
+    y = _conv1x1(self.conv1x1, self.planes, self.dtype, name='conv1')(x)
+    y = nn.relu(norm(name='bn1')(y, mode, weights))
     y = conv(self.planes, (3, 3), strides=1 if pool_main else self.stride, padding=1, name='conv2')(y)
     y = nn.relu(norm(name='bn2')(y, mode, weights))
     if pool_main:
       y = _avg_pool(y, self.stride)
-    y = conv(self.planes * 4, (1, 1), name='conv3')(y)
+    y = _conv1x1(self.conv1x1, self.planes * 4, self.dtype, name='conv3')(y)
     y = norm(scale_init=last_init, name='bn3')(y, mode, weights)
     return nn.relu(y + _shortcut(self, x, self.planes * 4, mode, weights))
 
@@ -97,8 +129,7 @@ def _shortcut(block: nn.Module, x, out_features: int, mode, weights):
     stride = 1
   else:
     stride = block.stride
-  x = nn.Conv(out_features, (1, 1), strides=stride, use_bias=False, dtype=block.dtype,
-              kernel_init=kaiming_fan_out, name='shortcut_conv')(x)
+  x = _conv1x1(block.conv1x1, out_features, block.dtype, stride, name='shortcut_conv')(x)
   return ContextBatchNorm(dtype=block.dtype, name='shortcut_bn')(x, mode, weights)
 
 
@@ -113,6 +144,9 @@ class ResNet(nn.Module):
   zero_init_last_bn: bool = True
   head_pool: str = 'global'        # 'global' (mean) | 'reference' (AvgPool(7, stride 1), then mean)
   dtype: Any = jnp.float32         # compute dtype; parameters and BN statistics stay float32
+  remat: bool = False              # recompute each block's activations in the backward pass
+  conv1x1: str = 'conv'            # 'conv' | 'dot': 1x1 convolutions as matrix products (faster
+                                   # on CPU; same parameters, equal up to float rounding)
   input_rank = 4
 
   @nn.compact
@@ -121,7 +155,11 @@ class ResNet(nn.Module):
       raise ValueError(f"downsample must be 'avgpool' or 'strided', got {self.downsample!r}")
     if self.head_pool not in HEAD_POOLS:
       raise ValueError(f'head_pool must be one of {HEAD_POOLS}, got {self.head_pool!r}')
+    if self.conv1x1 not in ('conv', 'dot'):
+      raise ValueError(f"conv1x1 must be 'conv' or 'dot', got {self.conv1x1!r}")
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
+    if self.remat:      # keeps only block inputs for the backward pass; `mode` (arg 2) is static
+      block_cls = nn.remat(block_cls, static_argnums=(2,))
     min_size = 2 ** (len(self.stage_sizes) + 1)      # stem /2, max-pool /2, each later stage /2
     if min(x.shape[1:3]) < min_size:
       raise ValueError(f'{self.num_classes}-class ResNet needs images of at least {min_size}x{min_size} '
@@ -135,7 +173,7 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
         x = block_cls(self.width * 2 ** i, stride, self.downsample, self.zero_init_last_bn, self.dtype,
-                      name=f'stage{i + 1}_block{j}')(x, norm, weights)
+                      self.conv1x1, name=f'stage{i + 1}_block{j}')(x, norm, weights)
     features = _head_pool(x, self.head_pool)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
     return (logits, features) if return_features else logits

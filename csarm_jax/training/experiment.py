@@ -24,6 +24,7 @@ from csarm_jax.data.store import ImageStore, StoreError, open_store
 from csarm_jax.evaluation.protocol import Protocol
 from csarm_jax.methods import Method
 from csarm_jax import parallel
+from csarm_jax.training.step import check_microbatch
 
 
 class ConfigError(ValueError):
@@ -235,10 +236,16 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
       parallel.check_contexts_divide(config[section][key], mesh, field)
     except ValueError as e:
       raise ConfigError(f'config.{e}') from None
+  try:
+    check_microbatch(config.data.contexts_per_step, config.data.get('contexts_per_microbatch'),
+                     mesh.size)
+  except ValueError as e:
+    raise ConfigError(f'config.data.{e}') from None
   norm = fold_normalization(config, store, fold, workdir)
   try:
+    remat = {'remat': True} if config.model.get('remat') else {}   # memory only: not in model.json
     model = models.create(config.model.name, len(store.class_ids), dtype=config.model.dtype,
-                          **model_options(config, store))
+                          **model_options(config, store), **remat)
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from None
   steps_per_epoch, total_steps = schedule_length(config, store, fold)

@@ -6,6 +6,10 @@ The step vmaps the method's context forward over C -- each context normalised wi
 statistics, gradients flowing through them -- averages each context's mean cross-entropy over its
 labelled rows, and applies one optimizer update. Under ``jit`` with the context axis sharded over a
 device mesh this is pmap-style data parallelism without pmap.
+
+With ``contexts_per_microbatch`` B < C the contexts are processed B at a time under ``lax.scan``,
+gradients (and ERM's running averages) accumulated inside the one compiled step: peak activation
+memory follows B, the update is the all-at-once one up to float rounding.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from csarm_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 Preprocess = Callable[[jax.Array], jax.Array]
+CONTEXT_KEYS = ('images', 'labels', 'mask', 'is_control')
 
 
 def mean_over_contexts(loss_sum: jax.Array, count: jax.Array) -> jax.Array:
@@ -32,23 +37,85 @@ def mean_over_contexts(loss_sum: jax.Array, count: jax.Array) -> jax.Array:
   return jnp.sum(per_context * has) / jnp.maximum(jnp.sum(has), 1)
 
 
+def context_weights(labels: jax.Array) -> jax.Array:
+  """(C,) weights w with sum_c w_c * loss_sum_c == mean_over_contexts(loss_sum, count)."""
+  count = jnp.sum(labels >= 0, axis=1)
+  has = count > 0
+  return has / jnp.maximum(count, 1) / jnp.maximum(jnp.sum(has), 1)
+
+
+def check_microbatch(contexts_per_step: int, contexts_per_microbatch: int | None,
+                     num_devices: int = 1) -> None:
+  """Micro-batches split the step's contexts evenly, each itself split evenly across devices."""
+  b = contexts_per_microbatch
+  if b and (contexts_per_step % b or b % num_devices):
+    raise ValueError(f'contexts_per_microbatch={b} must divide contexts_per_step='
+                     f'{contexts_per_step} and be a multiple of the number of devices '
+                     f'({num_devices})')
+
+
+def _micro_groups(batch: Batch, size: int) -> Batch:
+  """(C, ...) -> (C // size, size, ...); context c = j * (C // size) + i lands in group i, so a
+  group takes the same share of every device's consecutive block of contexts (no data moves)."""
+  def split(x):
+    return jnp.swapaxes(x.reshape((size, x.shape[0] // size) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransformation,
-                    preprocess: Preprocess) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+                    preprocess: Preprocess, contexts_per_microbatch: int | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The step; ``contexts_per_microbatch`` (None/0: all at once) bounds the contexts in flight."""
+
+  def forward(params, batch_stats, group: Batch):
+    """Per-context (loss_sum, count, correct) and running averages of a group of contexts."""
+    variables = {'params': params, RUNNING_STATS: batch_stats}
+
+    def one_context(images, labels, mask, is_control):
+      logits, running = method.forward(model, variables, preprocess(images), mask, is_control,
+                                       train=True)
+      return labelled_cross_entropy(logits, labels), running
+    return jax.vmap(one_context)(*(group[k] for k in CONTEXT_KEYS))
+
+  def all_at_once(state: TrainState, batch: Batch):
     def loss_fn(params):
-      variables = {'params': params, RUNNING_STATS: state.batch_stats}
-
-      def one_context(images, labels, mask, is_control):
-        logits, running = method.forward(model, variables, preprocess(images), mask, is_control,
-                                         train=True)
-        return labelled_cross_entropy(logits, labels), running
-
-      (loss_sum, count, correct), running = jax.vmap(one_context)(
-          batch['images'], batch['labels'], batch['mask'], batch['is_control'])
+      (loss_sum, count, correct), running = forward(params, state.batch_stats, batch)
       running = jax.tree.map(lambda r: jnp.mean(r, axis=0), running)   # averaged over contexts
       return mean_over_contexts(loss_sum, count), (running, jnp.sum(count), jnp.sum(correct))
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
-    (loss, (running, count, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def micro_batched(state: TrainState, batch: Batch, size: int):
+    num_contexts = batch['labels'].shape[0]
+    group_batch = {k: batch[k] for k in CONTEXT_KEYS}
+    group_batch['weight'] = context_weights(batch['labels'])
+
+    def body(carry, group):
+      def loss_fn(params):
+        (loss_sum, count, correct), running = forward(params, state.batch_stats, group)
+        running = jax.tree.map(lambda r: jnp.sum(r, axis=0), running)
+        return jnp.sum(loss_sum * group['weight']), (running, jnp.sum(count), jnp.sum(correct))
+      out = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      return jax.tree.map(jnp.add, carry, out), None
+
+    zero = lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x))
+    init = ((zero(0.0), (jax.tree.map(zero, state.batch_stats), zero(0), zero(0))),
+            jax.tree.map(zero, state.params))
+    (loss, (running, count, correct)), grads = jax.lax.scan(
+        body, init, _micro_groups(group_batch, size))[0]
+    if method.running_stats:      # the mean over contexts of each context's updated averages
+      running = jax.tree.map(lambda r: r / num_contexts, running)
+    else:
+      running = state.batch_stats
+    return (loss, (running, count, correct)), grads
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    num_contexts = batch['labels'].shape[0]
+    size = contexts_per_microbatch
+    check_microbatch(num_contexts, size)
+    if size and size < num_contexts:
+      (loss, (running, count, correct)), grads = micro_batched(state, batch, size)
+    else:
+      (loss, (running, count, correct)), grads = all_at_once(state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               batch_stats=running, opt_state=opt_state)

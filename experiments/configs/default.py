@@ -23,8 +23,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict({
       'name': 'resnet50',
-      'options': {'width': 64, 'downsample': 'avgpool', 'zero_init_last_bn': True},
+      # conv1x1: 'conv' | 'dot' (1x1 convolutions as matrix products: faster on CPU, same
+      # parameters, equal up to float rounding -- not bit-identical, hence off by default)
+      'options': {'width': 64, 'downsample': 'avgpool', 'zero_init_last_bn': True,
+                  'conv1x1': 'conv'},
       'dtype': 'float32',           # compute dtype; 'bfloat16' keeps float32 parameters/statistics
+      'remat': False,               # ResNets: recompute each block in the backward pass (memory)
   })
 
   c.data = ml_collections.ConfigDict({
@@ -33,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
       'num_perturbed': 64,          # labelled images per training context
       'num_controls': 128,          # same-plate DMSO controls per context (methods that use them)
       'contexts_per_step': 8,       # contexts per optimizer update (a multiple of the devices)
+      # Contexts forwarded at once inside the step (None: all; else divides contexts_per_step, a
+      # multiple of the devices): gradients accumulate over micro-batches, memory follows it.
+      'contexts_per_microbatch': config_dict.placeholder(int),
       'too_few': 'replace',         # plates with too few images: sample with replacement (reported)
       'skip_bad_plates': True,      # skip (and report) plates that cannot form a context and
                                     # images holding NaN/inf; False: refuse them at start
