@@ -12,8 +12,8 @@ import importlib
 __version__ = '0.1.0'
 
 _API = {name: 'csarm_jax.adaptation' for name in (
-    'adapt', 'adapt_and_predict', 'bn_layer_order', 'context_forward', 'plate_statistics', 'predict',
-    'validate_inputs')}
+    'adapt', 'adapt_and_predict', 'bn_layer_order', 'context_forward', 'plate_statistics',
+    'predict', 'validate_inputs')}
 _SUBPACKAGES = ('data', 'evaluation', 'inference', 'methods', 'models', 'nn', 'torch_import',
                 'training')
 

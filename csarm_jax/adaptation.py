@@ -4,7 +4,7 @@
     logits = predict(model, variables, stats, images)
     logits = adapt_and_predict(model, variables, context, queries, mask=None)
     logits = context_forward(model, variables, context, mask=None)   # the train-mode forward
-    stats  = plate_statistics(model, variables, images, mask=None, chunk_size=256)  # streamed, exact
+    stats  = plate_statistics(model, variables, images, mask=None, chunk_size=256)  # streamed
 
 All but ``plate_statistics`` are pure and traceable: use them inside ``jax.jit`` (``model`` is a
 hashable flax module, pass it as a static argument or close over it), ``jax.vmap`` over a leading
@@ -138,7 +138,8 @@ def _without(variables: Variables, *collections: str) -> Variables:
 # ------------------------------------------------------------------------------------------------
 # Whole-plate statistics, streamed layer by layer.
 
-def bn_layer_order(model: nn.Module, variables: Variables, example: jax.Array) -> list[tuple[str, ...]]:
+def bn_layer_order(model: nn.Module, variables: Variables,
+                   example: jax.Array) -> list[tuple[str, ...]]:
   """Paths of the model's ContextBatchNorm layers in execution order (traced, nothing computed)."""
   order: list[tuple[str, ...]] = []
 
@@ -199,7 +200,8 @@ def plate_statistics(model: nn.Module, variables: Variables, images: Any = None,
   if first is None:
     raise ValueError('plate_statistics got no images')
   example, example_w = jnp.asarray(first[0]), jnp.asarray(first[1])
-  validate_inputs(model, example)      # weights: a first chunk may hold none (e.g. BEN's perturbed rows)
+  # Weights: a first chunk may hold none (e.g. BEN's perturbed rows).
+  validate_inputs(model, example)
   base = _without(variables, STATS, STREAM_FLAGS, STREAM_SUMS)
 
   order = bn_layer_order(model, base, example)
@@ -212,7 +214,8 @@ def plate_statistics(model: nn.Module, variables: Variables, images: Any = None,
   @jax.jit
   def chunk_sums(flat_stats, flat_flags, x, w):
     v = {**base, STATS: traverse_util.unflatten_dict(flat_stats),
-         STREAM_FLAGS: traverse_util.unflatten_dict({p + ('use_given',): f for p, f in flat_flags.items()})}
+         STREAM_FLAGS: traverse_util.unflatten_dict(
+             {p + ('use_given',): f for p, f in flat_flags.items()})}
     _, out = model.apply(v, x, norm=STREAM, weights=w, mutable=[STREAM_SUMS])
     return traverse_util.flatten_dict(out[STREAM_SUMS])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
 from csarm_jax import cli

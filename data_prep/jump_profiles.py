@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
 from csarm_jax import cli

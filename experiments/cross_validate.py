@@ -8,7 +8,7 @@ Without --folds, every fold of the config's split. Each run trains in WORKDIR/fo
 """
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from csarm_jax import cli

@@ -2,7 +2,7 @@ r"""Export a run's best checkpoint as a self-contained inference checkpoint.
 
   python experiments/export.py --workdir=runs/quickstart --out=exports/quickstart
 """
-from absl import app, flags
+from absl import flags
 
 from csarm_jax import cli
 from csarm_jax import inference

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
 from csarm_jax import cli
 from csarm_jax import inference

@@ -9,7 +9,7 @@ import os
 import sys
 
 import pandas as pd
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from sklearn.decomposition import PCA
 

@@ -137,8 +137,8 @@ def index_plates(table: pd.DataFrame, plates: Sequence[str], *, num_classes: int
     lab = g['label'].to_numpy()
     wrong = ~ctrl & ((lab < lowest) | (lab >= num_classes))
     if wrong.any():
-      bad(plate, f'{int(wrong.sum())} perturbed rows have a label outside [{lowest}, {num_classes}) '
-                 f'in column label (e.g. {lab[wrong][0]})', rows=True)
+      bad(plate, f'{int(wrong.sum())} perturbed rows have a label outside '
+                 f'[{lowest}, {num_classes}) in column label (e.g. {lab[wrong][0]})', rows=True)
       skipped_rows[plate] = int(wrong.sum())
     pert = ~ctrl & ~wrong
     if not pert.any():
@@ -230,9 +230,10 @@ def evaluation_contexts(index: PlateIndex, num_perturbed: int, num_controls: int
 
   Per plate, in ``index.plates`` order: a seeded permutation of its perturbed images, cut into
   chunks of at most N -- 'consecutive' (the reference: N, N, ..., remainder) or 'balanced' (sizes
-  differ by at most one, no tiny tail chunk) -- each joined by K freshly drawn controls of the plate.
-  ``max_images_per_plate`` keeps only the first that many images of each plate's permutation (a
-  fixed, seeded subset, e.g. for sweeps of tiny contexts that would otherwise cost a pass per image).
+  differ by at most one, no tiny tail chunk) -- each joined by K freshly drawn controls of the
+  plate. ``max_images_per_plate`` keeps only the first that many images of each plate's
+  permutation (a fixed, seeded subset, e.g. for sweeps of tiny contexts that would otherwise cost a
+  pass per image).
   """
   if chunking not in ('consecutive', 'balanced'):
     raise ContextError(f"chunking must be 'consecutive' or 'balanced', got {chunking!r}")
@@ -272,8 +273,8 @@ def label_shift_contexts(index: PlateIndex, num_perturbed: int, num_controls: in
   for p, plate in enumerate(index.plates):
     labels = index.labels[p]
     if (labels < 0).any():
-      raise ContextError(f'plate {plate}: label-shift contexts need labels, {int((labels < 0).sum())}'
-                         f' perturbed rows have label -1 in column label')
+      raise ContextError(f'plate {plate}: label-shift contexts need labels, '
+                         f'{int((labels < 0).sum())} perturbed rows have label -1 in column label')
     rng = plate_rng(seed, plate)
     counts = rng.multinomial(num_perturbed, rng.dirichlet(np.full(num_classes, float(alpha))))
     by_class = [np.flatnonzero(labels == k) for k in range(num_classes)]

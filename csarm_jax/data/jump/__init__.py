@@ -1,9 +1,9 @@
 """Real data: JUMP-CP (cpg0016) site index, image conversion and CellProfiler profiles.
 
-    index, report = build_index(root, read_metadata(dir), Selection())   # which sites, labels, files
-    write_index(path, index, make_info(...)); object_keys(index)           # + the keys to fetch
-    convert_sites(index_path, store_path, ConvertOptions(), workers=8)    # resumable, with QC report
-    build_profiles(index, root) -> write_feature_store(...)               # well-level features store
+    index, report = build_index(root, read_metadata(dir), Selection())  # sites, labels, files
+    write_index(path, index, make_info(...)); object_keys(index)          # + the keys to fetch
+    convert_sites(index_path, store_path, ConvertOptions(), workers=8)   # resumable, QC report
+    build_profiles(index, root) -> write_feature_store(...)              # well-level features
 
 CLIs: data_prep/jump_index.py, data_prep/jump_convert.py, data_prep/jump_profiles.py.
 """

@@ -16,8 +16,8 @@ how often the run was interrupted: stores are byte-identical.
 Size policy: each site is centre-cropped to one (H, W) after downsampling; by default a square whose
 side is the smallest downsampled height or width found by probing the first readable image of every
 plate (e.g. 512 for source_3 at 1080 -> 540 together with source_8 at 1024 -> 512). Sites smaller
-than the crop are skipped (``too-small``), never padded. Clipping thresholds are computed on the whole
-downsampled image, before the crop, as in the reference.
+than the crop are skipped (``too-small``), never padded. Clipping thresholds are computed on the
+whole downsampled image, before the crop, as in the reference.
 """
 from __future__ import annotations
 
@@ -280,7 +280,8 @@ def _ledger(kv: ts.KvStore) -> dict[int, dict[str, Any]]:
 
 
 def qc_counts(num_sites: int, entries: Iterable[dict[str, Any]]) -> dict[str, Any]:
-  """Sites written/skipped, problems by kind (one per bad file or site), notes by kind (per site)."""
+  """Sites written/skipped, problems by kind (one per bad file or site), notes by kind (per site).
+  """
   written, problems, notes = 0, collections.Counter(), collections.Counter()
   for entry in entries:
     written += len(entry['sites'])
@@ -321,8 +322,8 @@ def _refuse_too_few(out: str, kv: ts.KvStore, entries: dict[int, dict[str, Any]]
                      + qc_line(counts, report))
 
 
-def _finalise(out: str, kv: ts.KvStore, index: pd.DataFrame, info: dict[str, Any], run: dict[str, Any],
-              entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _finalise(out: str, kv: ts.KvStore, index: pd.DataFrame, info: dict[str, Any],
+              run: dict[str, Any], entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
   """Writes qc_report.csv, the table and (last) the manifest from the ledger."""
   ordered = _write_qc(kv, entries)
   # (row, source height, source width) of every written site, in row order
@@ -347,7 +348,8 @@ def _finalise(out: str, kv: ts.KvStore, index: pd.DataFrame, info: dict[str, Any
 
 
 def _source_sizes(index: pd.DataFrame, sizes: dict[str, list[int]]) -> dict[str, list[str]]:
-  source_of = index.drop_duplicates('Metadata_Plate_ID').set_index('Metadata_Plate_ID')['Metadata_Source']
+  source_of = (index.drop_duplicates('Metadata_Plate_ID')
+               .set_index('Metadata_Plate_ID')['Metadata_Source'])
   by_source = collections.defaultdict(set)
   for plate_id, (h, w) in sizes.items():
     by_source[source_of[plate_id]].add(f'{h}x{w}')
@@ -420,7 +422,8 @@ def convert_sites(index_path: str, out: str, options: ConvertOptions = ConvertOp
   size = options.shard_items
   num_shards = -(-len(index) // size)
   todo = [s for s in range(num_shards) if s not in entries]
-  jobs = (ShardJob(out, s, s * size, _site_records(index, s * size, min((s + 1) * size, len(index))),
+  jobs = (ShardJob(out, s, s * size,
+                   _site_records(index, s * size, min((s + 1) * size, len(index))),
                    options, item_shape) for s in todo)
   done_sites = sum(min(size, len(index) - s * size) for s in entries)
   log.info('converting %d sites in %d shards (%d already done) with %d worker(s) into %s',

@@ -55,7 +55,8 @@ def _first_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
   except Exception as e:  # e.g. an IFD offset past the end: no pages
     raise FileProblem('unreadable', f'no readable first page ({type(e).__name__}: {e})') from None
   if len(page.shape) != 2:
-    raise FileProblem('unexpected-format', f'first page has shape {page.shape}, expected one grey plane')
+    raise FileProblem('unexpected-format',
+                      f'first page has shape {page.shape}, expected one grey plane')
   return page
 
 

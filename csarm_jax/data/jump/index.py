@@ -6,9 +6,10 @@ positive controls as classes, DMSO as controls, (compound, well) positions with 
 source dropped). Every row it drops is counted in the report under the step that dropped it.
 
 The index is a Parquet file, one row per site, ordered by (source, batch, plate, well, site): the
-store's ``Metadata_*`` columns (strings), ``Metadata_Plate_ID`` (``source_batch_plate``, the domain),
-``Metadata_Sample_ID``, ``Metadata_Compound``, ``label`` (class position, -1 for controls),
-``is_control``, and per channel ``path_<Ch>``/``key_<Ch>`` (+ ``illum_path_<Ch>``/``illum_key_<Ch>``).
+store's ``Metadata_*`` columns (strings), ``Metadata_Plate_ID`` (``source_batch_plate``, the
+domain), ``Metadata_Sample_ID``, ``Metadata_Compound``, ``label`` (class position, -1 for
+controls), ``is_control``, and per channel ``path_<Ch>``/``key_<Ch>`` (+
+``illum_path_<Ch>``/``illum_key_<Ch>``).
 Its Parquet key-value metadata (``INFO_KEY``) holds the classes, control id, selection and report.
 """
 from __future__ import annotations
@@ -92,11 +93,14 @@ def _finish_index(sites: pd.DataFrame, metadata: Metadata, selection: Selection,
             & (count <= selection.max_rare_position_images))
     sites = _drop(sites, ~rare, report, 'rare_position')
   index = sites.copy()
-  plate_id = index['Metadata_Source'] + '_' + index['Metadata_Batch'] + '_' + index['Metadata_Plate']
+  plate_id = (index['Metadata_Source'] + '_' + index['Metadata_Batch'] + '_'
+              + index['Metadata_Plate'])
   index['Metadata_Plate_ID'] = plate_id
-  index['Metadata_Sample_ID'] = plate_id + '_' + index['Metadata_Well'] + '_' + index['Metadata_Site']
+  index['Metadata_Sample_ID'] = (plate_id + '_' + index['Metadata_Well'] + '_'
+                                 + index['Metadata_Site'])
   names = metadata.compound_names()
-  index['Metadata_Compound'] = index['Metadata_JCP2022'].map(lambda j: names.get(j, j)).astype('str')
+  index['Metadata_Compound'] = (index['Metadata_JCP2022'].map(lambda j: names.get(j, j))
+                                .astype('str'))
   label_of = {jcp: i for i, jcp in enumerate(selection.classes)}
   index['label'] = index['Metadata_JCP2022'].map(lambda j: label_of.get(j, -1)).astype('int64')
   index['is_control'] = (index['Metadata_JCP2022'] == selection.control_id).to_numpy()
@@ -135,7 +139,8 @@ def build_index(root: str, metadata: Metadata, selection: Selection = Selection(
     raise JumpDataError(f'no load_data files for {list(selection.sources)} under {root}')
   for folder in empty:
     log.warning('no load_data file in %s', folder)
-  report: dict[str, Any] = {'load_data_files': len(files), 'plate_folders_without_load_data': len(empty),
+  report: dict[str, Any] = {'load_data_files': len(files),
+                            'plate_folders_without_load_data': len(empty),
                             'well_table_rows_without_ids': metadata.well_rows_without_ids}
   kept = [_filter_plate_sites(read_load_data(f, root), metadata, selection, report)
           for f in progress(files)]

@@ -1,15 +1,16 @@
-"""JUMP load_data files: find them in a mirror, read either column style, map S3 URLs onto the mirror.
+"""JUMP load_data files: find them in a mirror, read either column style, map S3 URLs onto it.
 
-A mirror is a local copy of (part of) the Cell Painting Gallery bucket: ``s3://cellpainting-gallery/KEY``
-lives at ``ROOT/KEY``. Per plate, cpg0016 has
+A mirror is a local copy of (part of) the Cell Painting Gallery bucket:
+``s3://cellpainting-gallery/KEY`` lives at ``ROOT/KEY``. Per plate, cpg0016 has
 ``ROOT/cpg0016-jump/<source>/workspace/load_data_csv/<batch>/<plate>/load_data[_with_illum].<ext>``
-(``ext`` csv, csv.gz or parquet) with one row per site and, per channel, either ``URL_Orig<Ch>`` or ``PathName_Orig<Ch>`` +
-``FileName_Orig<Ch>`` (and ``*_Illum<Ch>`` for the illumination functions). Channels are picked by
-name, never by the microscope's channel number in the file name.
+(``ext`` csv, csv.gz or parquet) with one row per site and, per channel, either ``URL_Orig<Ch>``
+or ``PathName_Orig<Ch>`` + ``FileName_Orig<Ch>`` (and ``*_Illum<Ch>`` for the illumination
+functions). Channels are picked by name, never by the microscope's channel number in the file name.
 
-``read_load_data`` returns one row per site with the ``SITE_KEYS`` columns and, per channel ``Ch`` of
-``CHANNELS``, ``path_<Ch>`` (local file) and ``key_<Ch>`` (bucket key, '' when the file is not in the
-bucket) plus ``illum_path_<Ch>`` / ``illum_key_<Ch>`` ('' when the file lists no illumination).
+``read_load_data`` returns one row per site with the ``SITE_KEYS`` columns and, per channel ``Ch``
+of ``CHANNELS``, ``path_<Ch>`` (local file) and ``key_<Ch>`` (bucket key, '' when the file is not
+in the bucket) plus ``illum_path_<Ch>`` / ``illum_key_<Ch>`` ('' when the file lists no
+illumination).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from csarm_jax.data.jump.tables import (TABLE_SUFFIXES, JumpDataError, normalise
 
 DATASET = 'cpg0016-jump'
 BUCKET_PREFIXES = ('s3://cellpainting-gallery/', 'https://cellpainting-gallery.s3.amazonaws.com/')
-SITE_KEYS = ('Metadata_Source', 'Metadata_Batch', 'Metadata_Plate', 'Metadata_Well', 'Metadata_Site')
+SITE_KEYS = ('Metadata_Source', 'Metadata_Batch', 'Metadata_Plate', 'Metadata_Well',
+             'Metadata_Site')
 LOAD_DATA_STEMS = ('load_data_with_illum', 'load_data')   # the illum variant is a superset
 IMAGE_KINDS = ('Orig', 'Illum')
 PREFIXES = {'Orig': '', 'Illum': 'illum_'}
@@ -94,7 +96,8 @@ def _urls(table: pd.DataFrame, kind: str, channel: str, where: str) -> pd.Series
     joined = table[path_name].astype('str').str.rstrip('/') + '/' + table[file_name].astype('str')
     return joined.where(table[path_name].notna() & table[file_name].notna())
   if path_name is not None or file_name is not None:
-    raise JumpDataError(f'{where}: has only one of PathName_{kind}{channel} / FileName_{kind}{channel}')
+    raise JumpDataError(f'{where}: has only one of PathName_{kind}{channel} / '
+                        f'FileName_{kind}{channel}')
   return None
 
 
@@ -129,15 +132,16 @@ def site_table(raw: pd.DataFrame, root: str, where: str, defaults: dict[str, str
     else:
       raise JumpDataError(f'{where} lacks column {col}')
     if out[col].isna().any():
-      raise JumpDataError(f'{where}: column {col} has empty values (row {int(out[col].isna().argmax())})')
+      raise JumpDataError(f'{where}: column {col} has empty values '
+                          f'(row {int(out[col].isna().argmax())})')
   out['Metadata_Well'] = normalise_well(out['Metadata_Well'])
   out['Metadata_Site'] = normalise_site(out['Metadata_Site'])
   for kind in IMAGE_KINDS:
     urls = {ch: _urls(raw, kind, ch, where) for ch in CHANNELS}
     absent = [ch for ch, u in urls.items() if u is None]
     if kind == 'Orig' and absent:
-      raise JumpDataError(f'{where}: no URL_Orig<Ch> or PathName_Orig<Ch> + FileName_Orig<Ch> columns '
-                          f'for channels {absent} (channels are matched by name: {list(CHANNELS)})')
+      raise JumpDataError(f'{where}: no URL_Orig<Ch> or PathName_Orig<Ch> + FileName_Orig<Ch> '
+                          f'columns for channels {absent} (channels are matched by name: {list(CHANNELS)})')
     for ch in CHANNELS:
       if absent:   # no (complete) illumination columns: not an error, illum is optional
         out[path_column(ch, kind)], out[key_column(ch, kind)] = '', ''

@@ -1,8 +1,8 @@
 """The JUMP metadata tables (github.com/jump-cellpainting/datasets, ``metadata/``), read as strings.
 
-``plate`` (Source, Batch, Plate, PlateType) and ``well`` (Source, Plate, Well, JCP2022) are required;
-``compound`` and ``perturbation_control`` (JCP2022, pert_type, Name) are optional and only give
-names. Each may be ``.csv``, ``.csv.gz`` or ``.parquet``.
+``plate`` (Source, Batch, Plate, PlateType) and ``well`` (Source, Plate, Well, JCP2022) are
+required; ``compound`` and ``perturbation_control`` (JCP2022, pert_type, Name) are optional and
+only give names. Each may be ``.csv``, ``.csv.gz`` or ``.parquet``.
 """
 from __future__ import annotations
 
@@ -76,5 +76,6 @@ def read_metadata(directory: str) -> Metadata:
     tables['well_rows_without_ids'] = int(unusable.sum())
     well = well[~unusable]
   well = well.assign(Metadata_Well=normalise_well(well['Metadata_Well']))
-  tables['well'] = _unique(well, ['Metadata_Source', 'Metadata_Plate', 'Metadata_Well'], 'well table')
+  tables['well'] = _unique(well, ['Metadata_Source', 'Metadata_Plate', 'Metadata_Well'],
+                           'well table')
   return Metadata(**tables)

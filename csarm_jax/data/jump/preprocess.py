@@ -1,14 +1,15 @@
 """Per-channel image math of the paper's JUMP preprocessing (ml-jku/cs-arm-bn, images/04), in numpy.
 
 Per channel: optional illumination correction (raw / illum, as jump_portrait), x1/factor nearest
-downsampling, a clipping threshold at the ``clip_percentile`` (the value of the n-th brightest pixel,
-n = round(size * (100 - percentile) / 100), at least 1), then ``floor(min(x * max / threshold, max))``
-into uint8 (max 255) or uint16 (max 65535). Then a centre crop to the store's (H, W).
+downsampling, a clipping threshold at the ``clip_percentile`` (the value of the n-th brightest
+pixel, n = round(size * (100 - percentile) / 100), at least 1), then
+``floor(min(x * max / threshold, max))`` into uint8 (max 255) or uint16 (max 65535). Then a centre
+crop to the store's (H, W).
 
-Nearest downsampling follows libvips ``resize(1/factor, kernel='nearest')`` (centre convention, which
-the reference called through pyvips): output size ``round(n / factor)``, output pixel ``i`` taken from
-input ``floor((factor - extra) / 2 + i * factor)`` with ``extra = out * factor - n`` -- for factor 2 the
-odd pixels (1, 3, 5, ...) of an even-sized image and the even ones of an odd-sized image.
+Nearest downsampling follows libvips ``resize(1/factor, kernel='nearest')`` (centre convention,
+which the reference called through pyvips): output size ``round(n / factor)``, output pixel ``i``
+taken from input ``floor((factor - extra) / 2 + i * factor)`` with ``extra = out * factor - n`` --
+for factor 2 the odd pixels (1, 3, 5, ...) of an even-sized image and the even ones of an odd-sized image.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def nearest_indices(n: int, factor: int) -> np.ndarray:
   """Input indices the libvips nearest kernel samples when shrinking ``n`` pixels by ``factor``."""
   out = downsampled_size(n, factor)
   extra = out * factor - n
-  return np.minimum(np.floor((factor - extra) / 2 + factor * np.arange(out)).astype(np.int64), n - 1)
+  return np.minimum(np.floor((factor - extra) / 2 + factor * np.arange(out)).astype(np.int64),
+                    n - 1)
 
 
 def downsample(image: np.ndarray, factor: int) -> np.ndarray:
