@@ -19,8 +19,8 @@ padding):
 Images stay integers: normalise on the accelerator with ``normalization.normalize``.
 
 Every context is a pure function of (seed, global context index): training contexts draw from
-``np.random.default_rng([seed, index])``, evaluation contexts are fixed up front. So the order grain's
-threads finish in does not matter, an iterator state is just the next batch number, and with
+``np.random.default_rng([seed, index])``, evaluation contexts are fixed up front. So the order
+grain's threads finish in does not matter, an iterator state is just the next batch number, and with
 ``process_count`` P each process builds contexts p*C/P ... (p+1)*C/P - 1 of every global batch: the
 union over processes is the single-process batch, and a state restores under any P.
 

@@ -9,8 +9,8 @@ Every fold partitions the table's plates into train / validation / test; a plate
 parts, because whole groups (sources, batches or plates) are assigned. The k-fold kinds shuffle the
 sorted groups with ``seed`` and cut them into ``num_folds`` near-equal parts (GroupKFold with
 shuffling). Validation holds out ``ceil(validation_fraction * n)`` of the fold's n training batches
-(or plates), at least one, drawn with a per-fold seed -- the reference's inner GroupShuffleSplit with
-test_size=0.15 over batches. ``validation_fraction=0`` gives no validation part; any other empty
+(or plates), at least one, drawn with a per-fold seed -- the reference's inner GroupShuffleSplit
+with test_size=0.15 over batches. ``validation_fraction=0`` gives no validation part; any other empty
 part raises an error naming the fold and the part.
 """
 from __future__ import annotations
@@ -53,7 +53,8 @@ class Fold:
   @classmethod
   def from_json(cls, text: str) -> Fold:
     raw = json.loads(text)
-    missing = [k for k in ('name', 'description') + PARTS if k not in raw and k not in OPTIONAL_PARTS]
+    missing = [k for k in ('name', 'description') + PARTS
+               if k not in raw and k not in OPTIONAL_PARTS]
     if missing:
       raise SplitError(f'fold JSON lacks keys {missing}')
     fold = cls(name=raw['name'], description=raw['description'],
@@ -162,7 +163,8 @@ def make_folds(table: pd.DataFrame, kind: str = 'source', num_folds: int | None 
                                       np.random.default_rng([seed, i, 1]), 'unseen_batches')
     train, in_domain = _hold_out(table, train, name, 'plate', in_domain_fraction,
                                  np.random.default_rng([seed, i, 2]), 'in_domain')
-    what = f'source {held[0]}' if kind == 'source' else f'{len(held)} of {len(groups)} {_PLURAL[kind]}'
+    what = (f'source {held[0]}' if kind == 'source'
+            else f'{len(held)} of {len(groups)} {_PLURAL[kind]}')
     description = (f'test: {what} ({len(test)} plates); validation: {len(validation)} plates '
                    f'({validation_fraction:.0%} of the training {_PLURAL[validation_by]}); '
                    f'train: {len(train)} plates')

@@ -13,9 +13,8 @@ holding three things:
   ``row`` indexes the array, ``label`` is the class id (-1: unlabelled, e.g. a control) and
   ``is_control`` flags the plate's negative-control (DMSO) images.
 * ``manifest.json`` -- format version, kind, channel (or feature) names in array order, dtype, item
-  shape, the classes
-  in label order, the control id, how the store was made, and ``num_unused_rows``: array rows no table
-  row references (e.g. sites a converter skipped and reported). Written last: its presence marks a
+  shape, the classes in label order, the control id, how the store was made, and
+  ``num_unused_rows``: array rows no table row references (e.g. sites a converter skipped and reported). Written last: its presence marks a
   complete store.
 
 This module reads: ``open_store`` validates the three against each other and never reads the
@@ -41,8 +40,8 @@ ARRAY_NAME, TABLE_NAME, MANIFEST_NAME = 'data.zarr', 'metadata.parquet', 'manife
 ID_COLUMNS = ('Metadata_Source', 'Metadata_Batch', 'Metadata_Plate', 'Metadata_Well',
               'Metadata_Site', 'Metadata_JCP2022', 'Metadata_PlateType')
 COLUMNS = ID_COLUMNS + ('is_control', 'label', 'row')
-MANIFEST_KEYS = ('format_version', 'kind', 'channels', 'dtype', 'item_shape', 'num_items', 'classes',
-                 'control_id', 'created_by', 'num_unused_rows')
+MANIFEST_KEYS = ('format_version', 'kind', 'channels', 'dtype', 'item_shape', 'num_items',
+                 'classes', 'control_id', 'created_by', 'num_unused_rows')
 DTYPES = {'images': ('uint8', 'uint16'), 'features': ('float32',)}
 
 
@@ -124,7 +123,8 @@ def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[i
     raise StoreError(f"{mf}: item_shape {manifest['item_shape']} / num_items "
                      f"{manifest['num_items']} disagree with the array's shape {array_shape}")
   if manifest['kind'] != kind_of(item):
-    raise StoreError(f"{mf}: kind {manifest['kind']!r} does not fit an array of shape {array_shape}")
+    raise StoreError(f"{mf}: kind {manifest['kind']!r} does not fit an array of shape "
+                     f"{array_shape}")
   if len(manifest['channels']) != item[-1]:
     raise StoreError(f"{mf}: {len(manifest['channels'])} channel/feature names for an array whose "
                      f'last axis has {item[-1]}')
@@ -164,11 +164,12 @@ def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[i
   wrong = table.loc[labelled, 'Metadata_JCP2022'].to_numpy() != expected
   if wrong.any():
     bad = table.loc[labelled].loc[wrong].iloc[0]
-    raise StoreError(f"{tb}: column label disagrees with Metadata_JCP2022 in {int(wrong.sum())} rows, "
-                     f"e.g. plate {bad['Metadata_Plate']} well {bad['Metadata_Well']}: "
+    raise StoreError(f"{tb}: column label disagrees with Metadata_JCP2022 in "
+                     f"{int(wrong.sum())} rows, e.g. plate {bad['Metadata_Plate']} well {bad['Metadata_Well']}: "
                      f"{bad['Metadata_JCP2022']} labelled {bad['label']}")
   if not pd.api.types.is_bool_dtype(table['is_control']):   # 'False' as a string is truthy
-    raise StoreError(f"{tb}: column is_control must be boolean, found dtype {table['is_control'].dtype}")
+    raise StoreError(f"{tb}: column is_control must be boolean, "
+                     f"found dtype {table['is_control'].dtype}")
   ctrl = table['is_control'].to_numpy()
   wrong = ctrl & ((table['Metadata_JCP2022'] != manifest['control_id']).to_numpy() | (labels >= 0))
   if wrong.any():

@@ -79,7 +79,7 @@ def summarize(predictions: pd.DataFrame, class_names: Sequence[str]) -> dict[str
 
 
 def write(summary: dict[str, Any], class_names: Sequence[str], prefix: str) -> None:
-  """``prefix.metrics.json`` plus CSVs of the per-class, per-plate figures and the confusion matrix."""
+  """``prefix.metrics.json`` plus CSVs of the per-class, per-plate figures and confusion matrix."""
   with open(f'{prefix}.metrics.json', 'w') as f:
     json.dump(summary, f, indent=1)
   pd.DataFrame(summary['per_class']).T.rename_axis('class').to_csv(f'{prefix}.per_class.csv')

@@ -1,4 +1,5 @@
-"""ERM: mini-batches of images from any plates, running-average BatchNorm at test (no adaptation)."""
+"""ERM: mini-batches of images from any plates, running-average BatchNorm at test (no adaptation).
+"""
 from csarm_jax.methods.base import Method
 from csarm_jax.nn import RUNNING
 

@@ -1,4 +1,4 @@
-"""Small models: a CNN for tests and quick runs, and an MLP for feature vectors (profiles, embeddings).
+"""Small models: a CNN for tests and quick runs, an MLP for feature vectors (profiles, embeddings).
 
 Both use ContextBatchNorm and the same call signature as the ResNets:
 ``__call__(x, *, norm, weights=None, return_features=False)``.

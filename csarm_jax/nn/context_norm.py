@@ -3,9 +3,9 @@
 One module, four behaviours chosen per call by ``mode``:
 
 * ``'context'`` -- normalise with the (weighted) statistics of the incoming batch, the ARM-BN /
-  CS-ARM-BN forward. Gradients flow through the statistics. When the ``context_stats`` collection is
-  mutable the statistics are written there (that is how :func:`csarm_jax.adapt` reads them out); when
-  ``batch_stats`` is mutable the running averages are updated (the ERM training step).
+  CS-ARM-BN forward. Gradients flow through the statistics. When the ``context_stats`` collection
+  is mutable the statistics are written there (that is how :func:`csarm_jax.adapt` reads them
+  out); when ``batch_stats`` is mutable the running averages are updated (the ERM training step).
 * ``'context_constant'`` -- as ``'context'``, but the statistics are constants for ``grad``
   (``stop_gradient``): the reference's BEN, whose control statistics carry no gradient.
 * ``'given'`` -- normalise with statistics passed in the ``context_stats`` collection.
@@ -43,7 +43,8 @@ def _broadcast_weights(weights: jax.Array, x: jax.Array) -> jax.Array:
   return weights.astype(jnp.float32).reshape(weights.shape + (1,) * (x.ndim - 1))
 
 
-def moments(x: jax.Array, weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def moments(x: jax.Array,
+            weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Weighted count, mean and biased variance per feature over every axis but the last.
 
   Two-pass (centred) variance in float32. Rows of weight 0 contribute nothing. With zero total

@@ -141,7 +141,8 @@ def site_table(raw: pd.DataFrame, root: str, where: str, defaults: dict[str, str
     absent = [ch for ch, u in urls.items() if u is None]
     if kind == 'Orig' and absent:
       raise JumpDataError(f'{where}: no URL_Orig<Ch> or PathName_Orig<Ch> + FileName_Orig<Ch> '
-                          f'columns for channels {absent} (channels are matched by name: {list(CHANNELS)})')
+                          f'columns for channels {absent} '
+                          f'(channels are matched by name: {list(CHANNELS)})')
     for ch in CHANNELS:
       if absent:   # no (complete) illumination columns: not an error, illum is optional
         out[path_column(ch, kind)], out[key_column(ch, kind)] = '', ''

@@ -9,7 +9,8 @@ crop to the store's (H, W).
 Nearest downsampling follows libvips ``resize(1/factor, kernel='nearest')`` (centre convention,
 which the reference called through pyvips): output size ``round(n / factor)``, output pixel ``i``
 taken from input ``floor((factor - extra) / 2 + i * factor)`` with ``extra = out * factor - n`` --
-for factor 2 the odd pixels (1, 3, 5, ...) of an even-sized image and the even ones of an odd-sized image.
+for factor 2 the odd pixels (1, 3, 5, ...) of an even-sized image and the even ones of an
+odd-sized image.
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 The wells are those of a site index (the same selection, labels and plates as the image store, as
 the paper's ``preprocess/cellprofiler`` does); each plate's profiles come from
-``ROOT/cpg0016-jump/<source>/workspace/profiles/<batch>/<plate>/<plate>.parquet``. Features are the
-numeric non-``Metadata_`` columns present in every plate; columns with any NaN/inf among the selected
-wells, with zero variance (over all wells or within any ``variance_groups`` group, e.g. a source), or
-that overflow float32 are dropped, each listed in the report. One store row per well,
+``ROOT/cpg0016-jump/<source>/workspace/profiles/<batch>/<plate>/<plate>.parquet``. Features are
+the numeric non-``Metadata_`` columns present in every plate; columns with any NaN/inf among the
+selected wells, with zero variance (over all wells or within any ``variance_groups`` group, e.g. a
+source), or that overflow float32 are dropped, each listed in the report. One store row per well,
 ``Metadata_Site`` = 'all'; ``row``/``label``/``is_control`` as in the image store.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ WELL_COLUMNS = ('Metadata_Source', 'Metadata_Batch', 'Metadata_Plate', 'Metadata
 
 
 def profile_path(root: str, source: str, batch: str, plate: str) -> str:
-  return os.path.join(root, DATASET, source, 'workspace', 'profiles', batch, plate, f'{plate}.parquet')
+  return os.path.join(root, DATASET, source, 'workspace', 'profiles', batch, plate,
+                      f'{plate}.parquet')
 
 
 def index_wells(index: pd.DataFrame) -> pd.DataFrame:
@@ -80,7 +81,8 @@ def _zero_variance(features: np.ndarray, groups: Sequence[np.ndarray]) -> np.nda
   return constant
 
 
-def build_profiles(index: pd.DataFrame, root: str, variance_groups: Sequence[str] = ('Metadata_Source',),
+def build_profiles(index: pd.DataFrame, root: str,
+                   variance_groups: Sequence[str] = ('Metadata_Source',),
                    progress: Callable[[Iterable], Iterable] = lambda x: x
                    ) -> tuple[pd.DataFrame, np.ndarray, list[str], dict[str, Any]]:
   """(well table, float32 features, feature names, report) for the wells of a site index."""

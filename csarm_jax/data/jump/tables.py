@@ -1,7 +1,8 @@
 """Reading JUMP tables (CSV, gzipped CSV, Parquet) with every ``Metadata_*`` column as a string.
 
 JUMP IDs look numeric in places (source_2 plates are all digits, sites are numbers); read as numbers
-they lose leading zeros or become floats and joins fail silently. Everything here keeps them strings.
+they lose leading zeros or become floats and joins fail silently. Everything here keeps them
+strings.
 """
 from __future__ import annotations
 

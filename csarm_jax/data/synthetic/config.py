@@ -1,8 +1,9 @@
 """Presets of the synthetic benchmark: ``preset(name)`` for 'tiny' | 'quickstart' | 'large'.
 
 Every preset has the same fields (so each is overridable from the command line); presets differ in
-size only. Technical effects are drawn hierarchically: a source's value, a batch's deviation from it,
-a plate's deviation from that, so shifts are largest between sources and smallest between plates.
+size only. Technical effects are drawn hierarchically: a source's value, a batch's deviation from
+it, a plate's deviation from that, so shifts are largest between sources and smallest between
+plates.
 ``effects.strength`` scales all of them at once (0: every plate imaged identically).
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _base() -> ml_collections.ConfigDict:
   c.layout.num_sources = 3        # labs (source_1, source_2, ...); leave-one-source-out needs >= 3
   c.layout.batches_per_source = 3   # acquisition batches per source
   c.layout.plates_per_batch = 3   # 384-well COMPOUND plates per batch
-  c.layout.wells_per_class = 4    # wells of each positive control per plate (JUMP: 4, columns 01/24)
+  # Wells of each positive control per plate (JUMP: 4, columns 01/24).
+  c.layout.wells_per_class = 4
   c.layout.control_wells = 16     # DMSO wells per plate (JUMP compound plates: ~16-32)
   c.layout.sites_per_well = 4     # imaged sites (fields of view) per well
   c.layout.label_shift_alpha = 0.0  # > 0: each plate's positive-control wells drawn from a
@@ -54,7 +56,8 @@ def _base() -> ml_collections.ConfigDict:
   c.effects.gain_plate_sd = 0.05  # ... between plates of a batch
   c.effects.gain_site_sd = 0.03   # ... between site positions of a plate (exposure jitter)
   c.effects.stain_shift_batch = 0.3  # one random channel per batch scaled by exp(U(-x, x))
-  c.effects.offset_source = 0.08  # per-channel background offset ~ U(0, x) per source (full scale 1)
+  # Per-channel background offset ~ U(0, x) per source (full scale 1).
+  c.effects.offset_source = 0.08
   c.effects.offset_batch_sd = 0.01  # batch-to-batch sd of the offset
   c.effects.gamma_source_sd = 0.15  # log-sd of the per-channel gamma non-linearity between sources
   c.effects.gamma_batch_sd = 0.05   # ... between batches

@@ -74,7 +74,8 @@ def plate_acquisition(config: ml_collections.ConfigDict, seed: int, s: int, b: i
 
 def site_acquisition(config: ml_collections.ConfigDict, seed: int, s: int, b: int, p: int,
                      site: int, plate: Acquisition | None = None) -> Acquisition:
-  """The plate's acquisition (given, or drawn) with the exposure jitter of site position ``site``."""
+  """The plate's acquisition (given, or drawn) with the exposure jitter of site position ``site``.
+  """
   if plate is None:
     plate = plate_acquisition(config, seed, s, b, p)
   e = config.effects

@@ -27,7 +27,8 @@ def well_id(index: int) -> str:
 
 
 def positive_control_wells(count: int) -> list[int]:
-  """Well indices for ``count`` positive-control wells: columns 01, 24, 02, 23, ... top to bottom."""
+  """Well indices for ``count`` positive-control wells: columns 01, 24, 02, 23, ... top to bottom.
+  """
   columns = [c for pair in zip(range(COLS // 2), range(COLS - 1, COLS // 2 - 1, -1)) for c in pair]
   return [r * COLS + c for c in columns for r in range(len(ROWS))][:count]
 
@@ -35,7 +36,9 @@ def positive_control_wells(count: int) -> list[int]:
 def control_wells(count: int, taken: list[int]) -> list[int]:
   """``count`` DMSO wells spread evenly (row-major) over the wells not ``taken``."""
   free = [w for w in range(len(ROWS) * COLS) if w not in set(taken)]
-  return [free[i] for i in np.linspace(0, len(free) - 1, count).round().astype(int)] if count else []
+  if not count:
+    return []
+  return [free[i] for i in np.linspace(0, len(free) - 1, count).round().astype(int)]
 
 
 def source_name(s: int) -> str:

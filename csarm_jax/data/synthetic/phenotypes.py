@@ -31,7 +31,7 @@ ADDITIVE = frozenset({'binucleate', 'vacuoles', 'vesicles', 'protrusions'})
 # Label id (constants.POSITIVE_CONTROLS order) -> parameters that differ from DMSO.
 CLASSES = (
     {'nucleus': 0.78, 'dna': 1.7},                                  # TC-S-7004: small bright nuclei
-    {'cell': 1.3, 'agp_ring': 0.4},                                 # dexamethasone: large flat cells
+    {'cell': 1.3, 'agp_ring': 0.4},                                 # dexamethasone: large, flat
     {'agp_fibres': 0.1, 'cell_elong': 0.1, 'nucleus_elong': 0.3},   # LY2109761: round, no fibres
     {'nucleus': 1.35, 'binucleate': 0.6, 'count': 0.6},             # AMG900: big, 2 nuclei, fewer
     {'count': 0.65, 'mito': 0.45, 'mito_scale': 0.5},               # FK-866: fewer cells, dim

@@ -201,7 +201,8 @@ def ensure(out: str, preset_name: str, seed: int = 0, workers: int | None = None
   made_by = store.read_manifest(local).get('created_by', {})
   want = _fingerprint(config, seed)
   have = {'config': made_by.get('config'), 'seed': made_by.get('seed')}
-  if made_by.get('tool') != TOOL or _content(have) != _content(want):   # any codec or tiling will do
+  # Any codec or tiling will do.
+  if made_by.get('tool') != TOOL or _content(have) != _content(want):
     raise FileExistsError(_describe(local, _content(want), _content(have), 'a store'))
   store.open_store(local)                        # validates array, table and manifest
   return local
