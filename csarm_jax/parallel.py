@@ -41,7 +41,8 @@ def check_contexts_divide(num_contexts: int, mesh: Mesh, field: str = 'contexts_
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's contexts (leading axis) into global arrays sharded over contexts."""
   sharding = context_sharded(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -82,13 +83,15 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   """Starts jax.distributed when asked by config or by the environment.
 
   ``enabled`` (config) or ``CSARM_DISTRIBUTED=1`` turns it on; arguments left None are taken from
-  JAX's own auto-detection (TPU VMs, SLURM, ``JAX_COORDINATOR_ADDRESS`` etc.). Returns whether it ran.
+  JAX's own auto-detection (TPU VMs, SLURM, ``JAX_COORDINATOR_ADDRESS`` etc.). Returns whether it
+  ran.
   """
   if not (enabled or os.environ.get('CSARM_DISTRIBUTED') == '1'):
     return False
   if jax.distributed.is_initialized():
     return True
-  # Must run before anything starts a JAX backend. CPU hosts need gloo for cross-process collectives.
+  # Must run before anything starts a JAX backend. CPU hosts need gloo for cross-process
+  # collectives.
   if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

@@ -8,8 +8,8 @@ applies them everywhere (training, evaluation, prediction).
 Images (uint8/uint16): ``(x / max_value - mean) / std`` per channel, with mean and std in units of
 ``x / max_value`` (as torchvision's ToDtype(scale=True) + Normalize). Feature stores:
 ``(x - mean) / std`` per feature. The statistics are over every pixel of the given (whole,
-uncropped) stored images: integer images are summed exactly (int64 per chunk, Python integers across chunks), feature vectors
-with float64 Chan-combined per-chunk moments. Standard deviations are the population ones.
+uncropped) stored images: integer images are summed exactly (int64 per chunk, Python integers
+across chunks), feature vectors with float64 Chan-combined per-chunk moments. Standard deviations are the population ones.
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ parts, because whole groups (sources, batches or plates) are assigned. The k-fol
 sorted groups with ``seed`` and cut them into ``num_folds`` near-equal parts (GroupKFold with
 shuffling). Validation holds out ``ceil(validation_fraction * n)`` of the fold's n training batches
 (or plates), at least one, drawn with a per-fold seed -- the reference's inner GroupShuffleSplit
-with test_size=0.15 over batches. ``validation_fraction=0`` gives no validation part; any other empty
-part raises an error naming the fold and the part.
+with test_size=0.15 over batches. ``validation_fraction=0`` gives no validation part; any other
+empty part raises an error naming the fold and the part.
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ holding three things:
   ``is_control`` flags the plate's negative-control (DMSO) images.
 * ``manifest.json`` -- format version, kind, channel (or feature) names in array order, dtype, item
   shape, the classes in label order, the control id, how the store was made, and
-  ``num_unused_rows``: array rows no table row references (e.g. sites a converter skipped and reported). Written last: its presence marks a
-  complete store.
+  ``num_unused_rows``: array rows no table row references (e.g. sites a converter skipped and
+  reported). Written last: its presence marks a complete store.
 
 This module reads: ``open_store`` validates the three against each other and never reads the
 array's data; ``ImageStore`` reads items and crops. ``store_writer`` writes stores.
@@ -165,7 +165,8 @@ def validate(table: pd.DataFrame, manifest: dict[str, Any], array_shape: tuple[i
   if wrong.any():
     bad = table.loc[labelled].loc[wrong].iloc[0]
     raise StoreError(f"{tb}: column label disagrees with Metadata_JCP2022 in "
-                     f"{int(wrong.sum())} rows, e.g. plate {bad['Metadata_Plate']} well {bad['Metadata_Well']}: "
+                     f"{int(wrong.sum())} rows, e.g. plate {bad['Metadata_Plate']} "
+                     f"well {bad['Metadata_Well']}: "
                      f"{bad['Metadata_JCP2022']} labelled {bad['label']}")
   if not pd.api.types.is_bool_dtype(table['is_control']):   # 'False' as a string is truthy
     raise StoreError(f"{tb}: column is_control must be boolean, "

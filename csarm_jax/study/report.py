@@ -32,7 +32,8 @@ def _cell(row) -> str:
   return f"{row['mean']:.3f} ± {row['std']:.3f} (n={int(row['n'])})"
 
 
-def _pivot(agg: pd.DataFrame, columns: str, order: Sequence[str], methods: Sequence[str]) -> pd.DataFrame:
+def _pivot(agg: pd.DataFrame, columns: str, order: Sequence[str],
+           methods: Sequence[str]) -> pd.DataFrame:
   table = agg.assign(cell=agg.apply(_cell, axis=1)).pivot(index='method', columns=columns,
                                                          values='cell')
   table = table.reindex(index=[m for m in methods if m in table.index],
@@ -50,7 +51,8 @@ def _markdown(table: pd.DataFrame, first: str) -> str:
 def _sweep(agg: pd.DataFrame, sweep: str, setting: str, balanced: bool = False) -> pd.DataFrame:
   rows = agg[(agg['sweep'] == sweep) & (agg['setting'] == setting)]
   if balanced:        # the default protocol is the 'balanced' end of the label-shift axis
-    base = agg[(agg['sweep'] == 'none') & (agg['setting'] == setting)].assign(sweep_value='balanced')
+    base = (agg[(agg['sweep'] == 'none') & (agg['setting'] == setting)]
+            .assign(sweep_value='balanced'))
     rows = pd.concat([base, rows])
   return rows
 
@@ -74,7 +76,8 @@ def summary_markdown(results: pd.DataFrame, paper: pd.DataFrame, sweep_setting: 
       'Accuracy = fraction of perturbed test images classified correctly (8 classes), mean ± '
       'sample std over folds × seeds (n runs). Computed from `results.csv`.', '',
       '## Accuracy by method and setting', '', _markdown(main, 'method'), '']
-  for sweep, title, balanced in (('label_shift', 'Label shift: Dirichlet α of each test context', True),
+  for sweep, title, balanced in (('label_shift', 'Label shift: Dirichlet α of each test context',
+                                  True),
                                  ('perturbed', 'Perturbed images per test context', False),
                                  ('controls', 'DMSO controls per test context', False)):
     rows = _sweep(agg, sweep, sweep_setting, balanced)
@@ -158,7 +161,8 @@ def plot_sweep(results: pd.DataFrame, sweep: str, setting: str, xlabel: str, pat
 def plot_embedding(embedding: pd.DataFrame, class_names: Sequence[str], path: str) -> None:
   """2 x methods panels: the 2-D projection of penultimate features coloured by source and class."""
   methods = list(dict.fromkeys(embedding['method']))
-  fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 7.4), dpi=100, squeeze=False)
+  fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 7.4), dpi=100,
+                           squeeze=False)
   sources = sorted(embedding['Metadata_Source'].unique())
   for j, m in enumerate(methods):
     e = embedding[embedding['method'] == m]

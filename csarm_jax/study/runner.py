@@ -195,4 +195,5 @@ def paper_numbers() -> pd.DataFrame:
        'CS-ARM-BN, label shift alpha=0.01'),
       ('arm_bn', 'unseen_source', 'label_shift', '0.01', 0.228, np.nan,
        'ARM-BN, label shift alpha=0.01'),
-  ], columns=['method', 'setting', 'sweep', 'sweep_value', 'paper_mean', 'paper_std', 'paper_claim'])
+  ], columns=['method', 'setting', 'sweep', 'sweep_value', 'paper_mean', 'paper_std',
+              'paper_claim'])

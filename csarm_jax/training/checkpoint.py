@@ -4,8 +4,8 @@
 Each checkpoint holds four items: ``state`` (the TrainState pytree: parameters, running BN averages,
 optimizer state, step), ``data`` (the training iterator's state), ``meta`` (loop bookkeeping --
 epoch, early-stopping counters, history) and ``config`` (the run's config, a record: runs resume
-from the config they are given, and the loop logs the keys that changed since). Restores go through an
-abstract target carrying the *current* shardings, so a checkpoint written on 8 devices restores on
+from the config they are given, and the loop logs the keys that changed since). Restores go through
+an abstract target carrying the *current* shardings, so a checkpoint written on 8 devices restores on
 1 (orbax otherwise refuses a topology change). A state saved with fields the TrainState no longer
 has (``rng``, dropped unread) restores too: those fields are read and discarded, with a warning.
 """
@@ -53,10 +53,13 @@ class Checkpoints:
     root = self._root = os.path.join(os.path.abspath(workdir), 'checkpoints')
     # Every item's handler is declared, so restoring some items never warns about the others.
     manager = lambda name, keep: ocp.CheckpointManager(
-        os.path.join(root, name), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
-                       'meta': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()})
-    # DIVERGED: a state whose loss became NaN/inf, kept apart so that resuming uses the last good one
+        os.path.join(root, name),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler(),
+                       'config': ocp.JsonCheckpointHandler()})
+    # DIVERGED: a state whose loss became NaN/inf, kept apart so that resuming uses the last good
+    # one
     self._managers = {LATEST: manager(LATEST, keep_latest), BEST: manager(BEST, 1),
                       DIVERGED: manager(DIVERGED, 1)}
 
@@ -122,8 +125,9 @@ class Checkpoints:
     names = [f.name for f in dataclasses.fields(abstract_state)]
     sharding = jax.tree.leaves(abstract_state)[0].sharding
     target = {**{n: getattr(abstract_state, n) for n in names},
-              **{k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                                 v) for k, v in dropped.items()}}
+              **{k: jax.tree.map(
+                  lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), v)
+                 for k, v in dropped.items()}}
     restored = restore(target)
     state = type(abstract_state)(**{n: restored['state'][n] for n in names})
     return state, restored['data'], restored['meta']
@@ -169,7 +173,8 @@ class Checkpoints:
       manager.close()
 
 
-def _dropped_fields(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> dict[str, Any]:
+def _dropped_fields(manager: ocp.CheckpointManager, step: int,
+                    abstract_state: Any) -> dict[str, Any]:
   """Top-level fields of the saved state that the (dataclass) target lacks, with their metadata:
   checkpoints written before a field was removed (TrainState.rng)."""
   if not dataclasses.is_dataclass(abstract_state):
