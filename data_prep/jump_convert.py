@@ -21,9 +21,11 @@ from csarm_jax.data.jump import convert as convert_lib
 _DEFAULT = convert_lib.ConvertOptions()
 FLAGS = flags.FLAGS
 flags.DEFINE_string('index', None, 'Index Parquet from data_prep/jump_index.py.', required=True)
-flags.DEFINE_string('out', None, 'Store path (local folder or tensorstore kvstore URL).', required=True)
+flags.DEFINE_string('out', None, 'Store path (local folder or tensorstore kvstore URL).',
+                    required=True)
 flags.DEFINE_integer('workers', 1, 'Worker processes (one shard at a time each).')
-flags.DEFINE_integer('downsample', _DEFAULT.downsample, 'Integer shrink factor (2: the paper\'s x0.5).')
+flags.DEFINE_integer('downsample', _DEFAULT.downsample,
+                     'Integer shrink factor (2: the paper\'s x0.5).')
 flags.DEFINE_float('clip_percentile', _DEFAULT.clip_percentile, 'Per-channel clipping percentile.')
 flags.DEFINE_enum('dtype', _DEFAULT.dtype, ['uint8', 'uint16'], 'Stored pixel type.')
 flags.DEFINE_bool('illum', _DEFAULT.illum, 'Divide by the plate\'s illumination functions.')

@@ -21,11 +21,13 @@ from csarm_jax.data.jump.index import PAPER_EXCLUDED_BATCHES, Selection
 
 _DEFAULT = Selection()
 FLAGS = flags.FLAGS
-flags.DEFINE_string('root', None, 'Local folder that mirrors s3://cellpainting-gallery/.', required=True)
+flags.DEFINE_string('root', None, 'Local folder that mirrors s3://cellpainting-gallery/.',
+                    required=True)
 flags.DEFINE_string('metadata', None, "The datasets repo's metadata/ folder (plate, well, ...).",
                     required=True)
 flags.DEFINE_string('out', None, 'Index Parquet file to write.', required=True)
-flags.DEFINE_string('keys_out', None, 'Object-key list (default: OUT without .parquet + .keys.txt).')
+flags.DEFINE_string('keys_out', None,
+                    'Object-key list (default: OUT without .parquet + .keys.txt).')
 flags.DEFINE_list('sources', list(_DEFAULT.sources), 'Sources to read.')
 flags.DEFINE_list('plate_types', list(_DEFAULT.plate_types), 'Metadata_PlateType values to keep.')
 flags.DEFINE_list('exclude_batches', list(PAPER_EXCLUDED_BATCHES), 'Batches to drop.')

@@ -20,7 +20,8 @@ from csarm_jax.data.jump import profiles as profiles_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('index', None, 'Index Parquet from data_prep/jump_index.py.', required=True)
-flags.DEFINE_string('root', None, 'Local folder that mirrors s3://cellpainting-gallery/.', required=True)
+flags.DEFINE_string('root', None, 'Local folder that mirrors s3://cellpainting-gallery/.',
+                    required=True)
 flags.DEFINE_string('out', None, 'Features store path.', required=True)
 flags.DEFINE_list('variance_groups', ['Metadata_Source'], 'Drop features constant within any group '
                   'of these columns (the paper: per source).')

@@ -1,6 +1,7 @@
 r"""Which store codec and tile to use: size and crop-read speed, on the benchmark content or yours.
 
-  PYTHONPATH=. python experiments/benchmark_codecs.py --layouts=zstd:180,lz4hc:180,lz4hc:108,none:180
+  PYTHONPATH=. python experiments/benchmark_codecs.py \
+      --layouts=zstd:180,lz4hc:180,lz4hc:108,none:180
   PYTHONPATH=. python experiments/benchmark_codecs.py --source=/data/jump_store --num_images=1024
 
 Copies whole plates (at least ``--num_images`` images) of ``--source`` -- by default a fresh loader
@@ -98,8 +99,9 @@ def main(argv):
       name = f"{compression}:{store.array.chunk_layout.read_chunk.shape[1]}"
       stores[name] = store
       layouts.append({'layout': name, 'images': len(store.table),
-                      'compression_ratio': round(np.prod(store.array.shape)
-                                                 * store.array.dtype.numpy_dtype.itemsize / disk, 3),
+                      'compression_ratio': round(
+                          np.prod(store.array.shape)
+                          * store.array.dtype.numpy_dtype.itemsize / disk, 3),
                       'encode_images_per_cpu_s': round(encode, 1), 'read_images_per_cpu_s': []})
     first = next(iter(stores.values()))
     plates = sorted(first.table['Metadata_Plate'].unique())

@@ -81,13 +81,14 @@ def write_mirror(root: str, plates: int, sites_per_plate: int, size: int) -> str
         load[f'URL_Orig{ch}'] = f's3://cellpainting-gallery/{folder}/{name}'
       rows.append(load)
       if site == 0:
-        well_rows.append({'Metadata_Source': 'source_3', 'Metadata_Plate': plate, 'Metadata_Well': well,
+        well_rows.append({'Metadata_Source': 'source_3', 'Metadata_Plate': plate,
+                          'Metadata_Well': well,
                           'Metadata_JCP2022': compounds[well_index % len(compounds)]})
     load_dir = os.path.join(root, f'cpg0016-jump/source_3/workspace/load_data_csv/{batch}/{plate}')
     os.makedirs(load_dir, exist_ok=True)
     pd.DataFrame(rows).to_csv(os.path.join(load_dir, 'load_data.csv'), index=False)
-    plate_rows.append({'Metadata_Source': 'source_3', 'Metadata_Batch': batch, 'Metadata_Plate': plate,
-                       'Metadata_PlateType': 'COMPOUND'})
+    plate_rows.append({'Metadata_Source': 'source_3', 'Metadata_Batch': batch,
+                       'Metadata_Plate': plate, 'Metadata_PlateType': 'COMPOUND'})
   metadata = os.path.join(root, 'metadata')
   os.makedirs(metadata)
   pd.DataFrame(plate_rows).to_csv(os.path.join(metadata, 'plate.csv'), index=False)
@@ -112,7 +113,8 @@ def time_one_site(index: pd.DataFrame, repeats: int = 5) -> dict[str, float]:
 def worker_startup_seconds(workers: int) -> float:
   """Seconds to spawn ``workers`` processes that import the converter (as a conversion does)."""
   start = time.perf_counter()
-  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+  with futures.ProcessPoolExecutor(workers,
+                                   mp_context=multiprocessing.get_context('spawn')) as pool:
     list(pool.map(convert_lib.qc_counts, [0] * workers, [[]] * workers))
   return time.perf_counter() - start
 
@@ -138,8 +140,10 @@ def main(argv):
     jump.write_index(index_path, index, jump.make_info(selection, metadata, report, root))
     results = {
         'benchmark': 'jump_convert', 'host': host_info(('numpy', 'tifffile', 'tensorstore')),
-        'shapes': {'raw': [FLAGS.size, FLAGS.size], 'raw_dtype': 'uint16', 'channels': len(CHANNELS),
-                   'stored': [FLAGS.size // 2, FLAGS.size // 2, len(CHANNELS)], 'stored_dtype': 'uint8',
+        'shapes': {'raw': [FLAGS.size, FLAGS.size], 'raw_dtype': 'uint16',
+                   'channels': len(CHANNELS),
+                   'stored': [FLAGS.size // 2, FLAGS.size // 2, len(CHANNELS)],
+                   'stored_dtype': 'uint8',
                    'sites': len(index), 'plates': FLAGS.plates, 'shard_items': FLAGS.shard_items},
         'generate_mirror_s': round(generate_s, 2),
         'one_site_in_process': {k: round(v, 4) for k, v in time_one_site(index).items()},
@@ -160,7 +164,8 @@ def main(argv):
                               'sites_per_s_per_worker': round(len(index) / wall / workers, 2),
                               'worker_startup_s': round(startup, 2),
                               'sites_per_s_excluding_startup': round(steady, 2),
-                              'sites_per_s_per_worker_excluding_startup': round(steady / workers, 2),
+                              'sites_per_s_per_worker_excluding_startup':
+                                  round(steady / workers, 2),
                               'cpu_s_per_site': round(cpu / len(index), 4),
                               'store_bytes': disk_bytes(out)})
     print(json.dumps(results, indent=1))

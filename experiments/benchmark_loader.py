@@ -87,8 +87,10 @@ def make_benchmark_store(path: str, num_images: int, plate_size: tuple[int, int]
     control = j >= plate_size[0]
     label = -1 if control else j % len(data.POSITIVE_CONTROLS)
     rows.append({'Metadata_Source': 'source_bench', 'Metadata_Batch': f'batch_{plate // 4}',
-                 'Metadata_Plate': f'plate_{plate}', 'Metadata_Well': f'W{j:03d}', 'Metadata_Site': '1',
-                 'Metadata_JCP2022': data.CONTROL_ID if control else data.POSITIVE_CONTROLS[label][0],
+                 'Metadata_Plate': f'plate_{plate}', 'Metadata_Well': f'W{j:03d}',
+                 'Metadata_Site': '1',
+                 'Metadata_JCP2022': (data.CONTROL_ID if control
+                                      else data.POSITIVE_CONTROLS[label][0]),
                  'Metadata_PlateType': 'COMPOUND', 'is_control': control, 'label': label})
   table = pd.DataFrame(rows)
   table['row'] = np.arange(num_images)
@@ -175,7 +177,8 @@ def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
                      num_batches: int = 6, num_threads: int = 2, latency_repeats: int = 5,
                      workdir: str | None = None, keep_stores: bool = False) -> dict[str, Any]:
   """Builds one store per (compression, tile, size) under ``workdir`` (a temporary directory by
-  default), serves ``num_batches`` batches from each and returns the figures as a JSON-ready dict."""
+  default), serves ``num_batches`` batches from each and returns the figures as a JSON-ready
+  dict."""
   cores = len(os.sched_getaffinity(0))
   result = {
       'benchmark': 'loader',

@@ -4,9 +4,9 @@ r"""Predict the plates of a store with one or several exported models (an ensemb
       --out=predictions/
 
 Writes ``images.parquet`` (one row per perturbed image: metadata, mean class probabilities over the
-ensemble, prediction, predictive entropy) and ``wells.csv`` (mean probabilities per well), each plate
-adapted with its own DMSO controls exactly as in evaluation, and ``skipped.json`` (the plates that
-cannot form a context and the images holding NaN or inf, left out and counted). If the store
+ensemble, prediction, predictive entropy) and ``wells.csv`` (mean probabilities per well), each
+plate adapted with its own DMSO controls exactly as in evaluation, and ``skipped.json`` (the plates
+that cannot form a context and the images holding NaN or inf, left out and counted). If the store
 carries labels, prints the accuracy too.
 """
 import json
@@ -50,8 +50,9 @@ def main(argv):
   wells.to_csv(os.path.join(out, 'wells.csv'), index=False)
   with open(os.path.join(out, 'skipped.json'), 'w') as f:
     json.dump(skipped, f, indent=1)
-  print(f'{len(images)} images in {len(wells)} wells of {images["Metadata_Plate"].nunique()} plates '
-        f'-> {out}; skipped {skipped["num_skipped_plates"]} plates and '
+  print(f'{len(images)} images in {len(wells)} wells of '
+        f'{images["Metadata_Plate"].nunique()} plates -> {out}; '
+        f'skipped {skipped["num_skipped_plates"]} plates and '
         f'{skipped["num_skipped_rows"]} images (see skipped.json)')
   labelled = images[images['label'] >= 0]
   if len(labelled):

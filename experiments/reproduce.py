@@ -1,6 +1,7 @@
 r"""The reproduction study: every method, setting and test-time sweep, then the report.
 
-  python experiments/reproduce.py --config=experiments/configs/reproduce.py:quick --workdir=runs/study
+  python experiments/reproduce.py --config=experiments/configs/reproduce.py:quick \
+      --workdir=runs/study
 
 Writes WORKDIR/results.csv, summary.md and PNG figures. Trained models are reused across the
 test-time sweeps; a study killed midway continues where it stopped when re-run.

@@ -1,4 +1,4 @@
-r"""Train and evaluate one run: python experiments/train.py --config=CONFIG.py[:variant] --workdir=DIR
+r"""Train and evaluate one run: experiments/train.py --config=CONFIG.py[:variant] --workdir=DIR
 
   python experiments/train.py --config=experiments/configs/quickstart.py --workdir=runs/quickstart
   python experiments/train.py --config=experiments/configs/jumpcp.py \

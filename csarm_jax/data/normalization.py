@@ -9,7 +9,8 @@ Images (uint8/uint16): ``(x / max_value - mean) / std`` per channel, with mean a
 ``x / max_value`` (as torchvision's ToDtype(scale=True) + Normalize). Feature stores:
 ``(x - mean) / std`` per feature. The statistics are over every pixel of the given (whole,
 uncropped) stored images: integer images are summed exactly (int64 per chunk, Python integers
-across chunks), feature vectors with float64 Chan-combined per-chunk moments. Standard deviations are the population ones.
+across chunks), feature vectors with float64 Chan-combined per-chunk moments. Standard deviations
+are the population ones.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ Each checkpoint holds four items: ``state`` (the TrainState pytree: parameters, 
 optimizer state, step), ``data`` (the training iterator's state), ``meta`` (loop bookkeeping --
 epoch, early-stopping counters, history) and ``config`` (the run's config, a record: runs resume
 from the config they are given, and the loop logs the keys that changed since). Restores go through
-an abstract target carrying the *current* shardings, so a checkpoint written on 8 devices restores on
-1 (orbax otherwise refuses a topology change). A state saved with fields the TrainState no longer
+an abstract target carrying the *current* shardings, so a checkpoint written on 8 devices restores
+on 1 (orbax otherwise refuses a topology change). A state saved with fields the TrainState no longer
 has (``rng``, dropped unread) restores too: those fields are read and discarded, with a warning.
 """
 from __future__ import annotations
