@@ -1,25 +1,26 @@
 """A tiny JUMP-CP mirror in the real file formats, built at test time (about 0.3 MB of files).
 
-``build_mirror(tmp)`` writes ``tmp/mirror`` (the bucket's layout) and ``tmp/metadata`` and returns a
-``Mirror`` holding the ground truth: every raw image by (source, plate, well, site, channel name) and
-the illumination functions, so tests never need to parse the files they check.
+``build_mirror(tmp)`` writes ``tmp/mirror`` (the bucket's layout) and ``tmp/metadata`` and returns
+a ``Mirror`` holding the ground truth: every raw image by (source, plate, well, site, channel name)
+and the illumination functions, so tests never need to parse the files they check.
 
-Layout and deliberate defects (selection used by the tests: sources 3, 8 and 10, rare positions <= 1):
+Layout and deliberate defects (selection used by the tests: sources 3, 8 and 10, rare positions
+<= 1):
 
 * source_3 (Opera Phenix names ``r01c01f01p01-ch5sk1fk1fl1.tiff``, DNA=ch5 .. Mito=ch1, 24x24,
-  ``PathName_``/``FileName_`` columns, ``load_data.csv`` + ``load_data_with_illum.csv`` + illum .npy):
-  plate BR00000001 (COMPOUND, batch CP59): A01 AMG900, B01 FK-866 (site 1 row duplicated), C02/D02
-  DMSO, E05 a library compound, F01 missing from well.csv, G01 AMG900 with one site (a rare position);
-  A01 site 2's ER TIFF is missing. BR00000002 (batch CP_33_all_Phenix1, excluded) and BR00000003
-  (TARGET2) have load_data only.
+  ``PathName_``/``FileName_`` columns, ``load_data.csv`` + ``load_data_with_illum.csv`` + illum
+  .npy): plate BR00000001 (COMPOUND, batch CP59): A01 AMG900, B01 FK-866 (site 1 row duplicated),
+  C02/D02 DMSO, E05 a library compound, F01 missing from well.csv, G01 AMG900 with one site (a rare
+  position); A01 site 2's ER TIFF is missing. BR00000002 (batch CP_33_all_Phenix1, excluded) and
+  BR00000003 (TARGET2) have load_data only.
 * source_8 (ImageXpress names ``HTS_A01_s1_w5<GUID>.tif``, DNA=w5 .. Mito=w1, 22x20 non-square,
   ``URL_`` columns): plate 1053601756 (all digits, ``load_data.csv.gz``): A01 LY2109761, B24
-  dexamethasone, C01/D01 DMSO; C01 site 2's AGP file is zero bytes throughout, D01 site 1's Mito TIFF
-  is truncated. Plate 000321 (``load_data.parquet``, sites stored as integers): A01 TC-S-7004, P24
-  DMSO. Plate A9999999 is in load_data but not in plate.csv.
-* source_10 (CV8000 names ``<plate>_A01_T0001F001L01A01Z01C01.tif``, DNA=C01 .. Mito=C05, 27x27 (odd) ->
-  14x14 after x0.5, ``load_data.csv``, wells written unpadded as 'A1'): plate Dest210726-160150: A01
-  quinidine, B01 DMSO; A01 site 2's RNA file is garbage, B01 site 2's DNA image is all zeros.
+  dexamethasone, C01/D01 DMSO; C01 site 2's AGP file is zero bytes throughout, D01 site 1's Mito
+  TIFF is truncated. Plate 000321 (``load_data.parquet``, sites stored as integers): A01 TC-S-7004,
+  P24 DMSO. Plate A9999999 is in load_data but not in plate.csv.
+* source_10 (CV8000 names ``<plate>_A01_T0001F001L01A01Z01C01.tif``, DNA=C01 .. Mito=C05, 27x27
+  (odd) -> 14x14 after x0.5, ``load_data.csv``, wells written unpadded as 'A1'): plate
+  Dest210726-160150: A01 quinidine, B01 DMSO; A01 site 2's RNA file is garbage, B01 site 2's DNA image is all zeros.
 
 CellProfiler profiles exist for BR00000001, 1053601756 (without well D01) and 000321.
 """
@@ -87,7 +88,7 @@ PROFILE_PLATES = ('BR00000001', '1053601756', '000321')
 class Mirror:
   root: str
   metadata: str
-  raw: dict = field(default_factory=dict)     # (source, plate, well, site) -> {channel: uint16 array}
+  raw: dict = field(default_factory=dict)     # (source, plate, well, site) -> {channel: uint16}
   illum: dict = field(default_factory=dict)   # (source, plate) -> {channel: float32 array}
   profiles: dict = field(default_factory=dict)  # plate -> profile DataFrame as written
   files: dict = field(default_factory=dict)   # (plate, well, site, channel) -> bucket key
@@ -154,7 +155,8 @@ def _load_data_rows(mirror: Mirror, source, batch, plate, folder, rng, illum: bo
           row[f'PathName_Orig{ch}'] = BUCKET + os.path.dirname(key) + '/'
           row[f'FileName_Orig{ch}'] = os.path.basename(key)
         if illum:
-          row[f'PathName_Illum{ch}'] = f'{BUCKET}cpg0016-jump/{source}/images/{batch}/illum/{plate}/'
+          row[f'PathName_Illum{ch}'] = (f'{BUCKET}cpg0016-jump/{source}/images/{batch}/illum/'
+                                        f'{plate}/')
           row[f'FileName_Illum{ch}'] = f'{plate}_Illum{ch}.npy'
       if source == 'source_3':
         row['FileName_OrigBrightfield'] = 'ignored.tiff'   # extra channels are ignored
@@ -228,7 +230,8 @@ def _write_metadata(directory: str) -> None:
   wells = pd.concat([wells, pd.DataFrame([{'Metadata_Source': 'source_3', 'Metadata_Plate': 'X',
                                            'Metadata_Well': None, 'Metadata_JCP2022': DMSO}])])
   controls = pd.DataFrame({
-      'Metadata_JCP2022': [DMSO, AMG900, DEX, FK866, LY, 'JCP2022_064022', QUIN, TCS, 'JCP2022_085227'],
+      'Metadata_JCP2022': [DMSO, AMG900, DEX, FK866, LY, 'JCP2022_064022', QUIN, TCS,
+                           'JCP2022_085227'],
       'Metadata_pert_type': ['negcon'] + ['poscon'] * 8,
       'Metadata_Name': ['DMSO', 'AMG900', 'dexamethasone', 'FK-866', 'LY2109761', 'NVS-PAK1-1',
                         'quinidine', 'TC-S-7004', 'aloxistatin'],
@@ -243,9 +246,11 @@ def _write_metadata(directory: str) -> None:
 
 def build_mirror(tmp, seed: int = 0) -> Mirror:
   rng = np.random.default_rng(seed)
-  mirror = Mirror(root=os.path.join(str(tmp), 'mirror'), metadata=os.path.join(str(tmp), 'metadata'))
+  mirror = Mirror(root=os.path.join(str(tmp), 'mirror'),
+                  metadata=os.path.join(str(tmp), 'metadata'))
   for source, batch, plate, _, folder, load_data in PLATES:
-    base = os.path.join(mirror.root, 'cpg0016-jump', source, 'workspace', 'load_data_csv', batch, plate)
+    base = os.path.join(mirror.root, 'cpg0016-jump', source, 'workspace', 'load_data_csv', batch,
+                        plate)
     rows = _load_data_rows(mirror, source, batch, plate, folder, rng, illum=False)
     table = pd.DataFrame(rows)
     if load_data.endswith('.parquet'):

@@ -14,7 +14,8 @@ from configs import default as default_config  # noqa: E402
 
 def write_run_store(path) -> str:
   write_store(path, sources=('source_1', 'source_2', 'source_3'), batches_per_source=2,
-              plates_per_batch=2, perturbed_per_plate=8, controls_per_plate=6, item_shape=(12, 12, 5))
+              plates_per_batch=2, perturbed_per_plate=8, controls_per_plate=6,
+              item_shape=(12, 12, 5))
   return str(path)
 
 

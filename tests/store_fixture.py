@@ -24,7 +24,8 @@ def write_store(path, sources=('source_1', 'source_2'), batches_per_source=2, pl
           rows.append({'Metadata_Source': s, 'Metadata_Batch': f'{s}_B{b}', 'Metadata_Plate': plate,
                        'Metadata_Well': f'{"ABCDEFGHIJKLMNOP"[i % 16]}{i // 16 + 1:02d}',
                        'Metadata_Site': '1',
-                       'Metadata_JCP2022': data.CONTROL_ID if control else data.POSITIVE_CONTROLS[label][0],
+                       'Metadata_JCP2022': (data.CONTROL_ID if control
+                                            else data.POSITIVE_CONTROLS[label][0]),
                        'Metadata_PlateType': 'COMPOUND', 'is_control': control, 'label': label})
   table = pd.DataFrame(rows)
   table['row'] = np.arange(len(table))

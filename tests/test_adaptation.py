@@ -66,7 +66,8 @@ def test_vmap_over_contexts_equals_python_loop(cnn):
     one = adapt_and_predict(model, variables, contexts[c], contexts[c], masks[c])
     np.testing.assert_allclose(batched[c], one, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(jax.tree.map(lambda s: s[c], stats),
-                                adapt(model, variables, contexts[c], masks[c]), rtol=1e-5, atol=1e-6)
+                                adapt(model, variables, contexts[c], masks[c]),
+                                rtol=1e-5, atol=1e-6)
 
 
 def test_padding_rows_with_mask_zero_change_nothing(cnn):
@@ -74,8 +75,8 @@ def test_padding_rows_with_mask_zero_change_nothing(cnn):
   context = _images(5)
   padded = jnp.concatenate([context, 100.0 * _images(3, seed=9)])     # garbage padding rows
   mask = jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
-  chex.assert_trees_all_close(adapt(model, variables, padded, mask), adapt(model, variables, context),
-                              rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(adapt(model, variables, padded, mask),
+                              adapt(model, variables, context), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(forward(model, variables, padded, mask)[:5],
                              forward(model, variables, context), rtol=1e-5, atol=1e-5)
 
@@ -107,7 +108,8 @@ def test_weights_give_pooled_and_controls_only_statistics(cnn):
   pooled = adapt(model, variables, jnp.concatenate([perturbed, controls]), jnp.ones(10))
   chex.assert_trees_all_close(pooled, adapt(model, variables, both), rtol=1e-6, atol=1e-6)
   controls_only = adapt(model, variables, both, jnp.array([0.0] * 4 + [1.0] * 6))
-  chex.assert_trees_all_close(controls_only, adapt(model, variables, controls), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(controls_only, adapt(model, variables, controls),
+                              rtol=1e-5, atol=1e-5)
 
 
 def test_meta_gradient_flows_through_statistics(cnn):
@@ -173,7 +175,8 @@ def test_one_image_context_is_defined(cnn):
 
 @pytest.mark.parametrize('make, error, message', [
     (lambda: _images(4)[0], ValueError, 'must be NHWC images'),
-    (lambda: _images(4, shape=(H, H, 3)), ValueError, 'has 3 channels/features but the model was built for 5'),
+    (lambda: _images(4, shape=(H, H, 3)), ValueError,
+     'has 3 channels/features but the model was built for 5'),
     (lambda: jnp.zeros((4, H, H, 5), jnp.uint8), TypeError, 'float array'),
 ])
 def test_bad_inputs_raise_clear_errors(cnn, make, error, message):

@@ -127,7 +127,8 @@ def test_evaluation_subset_is_a_prefix_of_the_fixed_permutation():
   full = cx.evaluation_contexts(index, 4, 2, seed=7)
   capped = cx.evaluation_contexts(index, 4, 2, seed=7, max_images_per_plate=6)
   for p in range(len(index.plates)):
-    rows = lambda cs: np.concatenate([c.rows[~c.is_control & (c.rows >= 0)] for c in cs if c.plate == p])
+    rows = lambda cs: np.concatenate([c.rows[~c.is_control & (c.rows >= 0)]
+                                      for c in cs if c.plate == p])
     kept = rows(capped)
     assert len(kept) == min(6, len(index.perturbed[p]))
     np.testing.assert_array_equal(kept, rows(full)[:len(kept)])     # same order, first images
@@ -185,10 +186,13 @@ def test_bad_input_names_the_plate_or_column():
   with pytest.raises(cx.ContextError, match=r"lacks columns \['is_control'\]"):
     _index(['ok'], table.drop(columns='is_control'))
   bad_label = table.copy()
-  bad_label.loc[(bad_label['Metadata_Plate'] == 'ok') & ~bad_label['is_control'], 'label'] = [9, -1] + [0] * 8
-  with pytest.raises(cx.ContextError, match=r'plate ok: 2 perturbed rows have a label outside \[0, 8\) in column label'):
+  perturbed = (bad_label['Metadata_Plate'] == 'ok') & ~bad_label['is_control']
+  bad_label.loc[perturbed, 'label'] = [9, -1] + [0] * 8
+  with pytest.raises(cx.ContextError, match=r'plate ok: 2 perturbed rows have a label outside '
+                                            r'\[0, 8\) in column label'):
     _index(['ok'], bad_label)
-  with pytest.raises(cx.ContextError, match=r'plate ok: 1 perturbed rows have a label outside \[-1, 8\)'):
+  with pytest.raises(cx.ContextError,
+                     match=r'plate ok: 1 perturbed rows have a label outside \[-1, 8\)'):
     _index(['ok'], bad_label, require_labels=False)
 
 

@@ -21,7 +21,8 @@ def test_mirror_to_stores(tmp_path):
   mirror = build_mirror(tmp_path)
   index = str(tmp_path / 'index.parquet')
   out = _run('jump_index.py', f'--root={mirror.root}', f'--metadata={mirror.metadata}',
-             f'--out={index}', '--sources=source_3,source_8,source_10', '--max_rare_position_images=1')
+             f'--out={index}', '--sources=source_3,source_8,source_10',
+             '--max_rare_position_images=1')
   assert '24 sites on 4 plates' in out
   keys = (tmp_path / 'index.keys.txt').read_text().splitlines()
   assert keys == jump.object_keys(jump.read_index(index)[0]) and len(keys) == 125

@@ -16,7 +16,8 @@ from csarm_jax.data import store as store_lib
 from csarm_jax.data.jump import convert as convert_lib
 from jump_fixture import CHANNELS, build_mirror
 
-SELECTION = jump.Selection(sources=('source_3', 'source_8', 'source_10'), max_rare_position_images=1)
+SELECTION = jump.Selection(sources=('source_3', 'source_8', 'source_10'),
+                           max_rare_position_images=1)
 OPTIONS = jump.ConvertOptions(clip_percentile=98.0, shard_items=4)   # 24 sites -> 6 shards
 SKIPPED = {   # sample -> problem; every other selected site must be written
     'source_3_CP59_BR00000001_A01_2': 'missing',
@@ -118,7 +119,8 @@ def test_skipped_sites_are_declared_and_reported(converted):
   unused = sorted(set(range(24)) - set(store.table['row']))
   assert sorted(skipped['row']) == unused and not store.read(unused).any()    # zero rows
   notes = qc[qc['action'] == convert_lib.KEPT]
-  assert set(notes.loc[notes['issue'] == 'non-square', 'Metadata_Sample_ID'].str[:8]) == {'source_8'}
+  assert (set(notes.loc[notes['issue'] == 'non-square', 'Metadata_Sample_ID'].str[:8])
+          == {'source_8'})
   assert set(notes.loc[notes['issue'] == 'odd-size', 'Metadata_Sample_ID'].str[:9]) == {'source_10'}
   assert counts['problems'] == {'missing': 1, 'truncated': 1, 'unreadable': 1, 'zero-filled': 2}
   assert counts['notes'] == {'non-square': 12, 'odd-size': 4}
@@ -145,7 +147,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(converted, index_path, tmp_pa
   with pytest.raises(store_lib.StoreError, match='incomplete'):
     open_store(str(out))
   calls.clear()
-  monkeypatch.setattr(convert_lib, 'convert_shard', lambda job: calls.append(job.shard) or real(job))
+  monkeypatch.setattr(convert_lib, 'convert_shard',
+                      lambda job: calls.append(job.shard) or real(job))
   # Another codec or tiling asked for on resume (e.g. a new default): the run keeps its own.
   _convert(index_path, out, dataclasses.replace(OPTIONS, compression='none', tile=4))
   assert calls == [2, 3, 4, 5]                  # only the shards the ledger lacked
@@ -163,7 +166,8 @@ def die_after_two(job):
   done.append(job.shard)
   return real(job)
 convert_lib.convert_shard = die_after_two
-jump.convert_sites(sys.argv[1], sys.argv[2], jump.ConvertOptions(clip_percentile=98.0, shard_items=4),
+jump.convert_sites(sys.argv[1], sys.argv[2],
+                   jump.ConvertOptions(clip_percentile=98.0, shard_items=4),
                    command='test', progress=False)
 """
 
@@ -231,7 +235,8 @@ def test_sites_smaller_than_the_crop_are_skipped_not_padded(index_path, tmp_path
 
 def test_illumination_correction(mirror, tmp_path):
   index_path = _write_index(mirror, tmp_path / 'index.parquet',
-                            jump.Selection(sources=('source_3', 'source_8'), max_rare_position_images=1))
+                            jump.Selection(sources=('source_3', 'source_8'),
+                                           max_rare_position_images=1))
   options = jump.ConvertOptions(clip_percentile=98.0, shard_items=4, illum=True, crop=(12, 12))
   _convert(index_path, tmp_path / 'store', options)
   store = open_store(str(tmp_path / 'store'))
@@ -264,9 +269,11 @@ def test_site_level_problems(tmp_path):
   sparse = np.zeros((10, 10), np.uint16)
   sparse[1, 1] = 7                                   # one lit pixel; the threshold takes the 3rd
   tifffile.imwrite(site['path_RNA'], sparse)
-  image, _, issues = convert_lib.process_site(site, jump.ConvertOptions(clip_percentile=88.0), (4, 4))
+  image, _, issues = convert_lib.process_site(site, jump.ConvertOptions(clip_percentile=88.0),
+                                              (4, 4))
   assert image is None and [(i['issue'], i['channel']) for i in issues] == [('zero-filled', 'RNA')]
-  image, _, issues = convert_lib.process_site(site, jump.ConvertOptions(clip_percentile=99.0), (4, 4))
+  image, _, issues = convert_lib.process_site(site, jump.ConvertOptions(clip_percentile=99.0),
+                                              (4, 4))
   assert image.shape == (4, 4, 5) and issues == [] and image[..., 2].max() == 255
 
 

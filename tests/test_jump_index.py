@@ -39,7 +39,8 @@ def built(mirror, metadata):
 
 
 def _read(mirror, source, batch, plate, name):
-  path = os.path.join(mirror.root, LOAD_DATA.format(source=source, batch=batch, plate=plate, name=name))
+  path = os.path.join(mirror.root,
+                      LOAD_DATA.format(source=source, batch=batch, plate=plate, name=name))
   return jump.read_load_data(load_data_lib.LoadDataFile(path, source, batch, plate), mirror.root)
 
 
@@ -96,8 +97,8 @@ def test_find_load_data_prefers_the_illum_variant(mirror):
 
 
 def test_bad_load_data_is_named(tmp_path):
-  table = pd.DataFrame({'Metadata_Source': ['source_1'], 'Metadata_Batch': ['b'], 'Metadata_Plate': ['p'],
-                        'Metadata_Well': ['A01'], 'Metadata_Site': ['1']})
+  table = pd.DataFrame({'Metadata_Source': ['source_1'], 'Metadata_Batch': ['b'],
+                        'Metadata_Plate': ['p'], 'Metadata_Well': ['A01'], 'Metadata_Site': ['1']})
   for ch in CHANNELS:
     table[f'URL_Orig{ch}'] = f's3://cellpainting-gallery/cpg0016-jump/x/{ch}.tif'
   with pytest.raises(jump.JumpDataError, match=r"f.csv: no URL_Orig.*\['RNA'\]"):

@@ -1,4 +1,5 @@
-"""CellProfiler well profiles -> features store: joins, dropped columns with reasons, exact values."""
+"""CellProfiler well profiles -> features store: joins, dropped columns with reasons, exact values.
+"""
 import json
 
 import numpy as np
@@ -8,7 +9,8 @@ from csarm_jax.data import constants, jump, open_store
 from csarm_jax.data.jump import profiles as profiles_lib
 from jump_fixture import DMSO, build_mirror
 
-SELECTION = jump.Selection(sources=('source_3', 'source_8', 'source_10'), max_rare_position_images=1)
+SELECTION = jump.Selection(sources=('source_3', 'source_8', 'source_10'),
+                           max_rare_position_images=1)
 KEPT = ['Cells_AreaShape_Area', 'Nuclei_Intensity_MeanIntensity_DNA']
 
 
@@ -43,7 +45,8 @@ def test_rows_are_the_index_wells_with_their_values(built):
   assert len(table) == 9 and (table['Metadata_Site'] == 'all').all()
   for row, well in table.iterrows():
     source = mirror.profiles[well['Metadata_Plate']]
-    expected = source.loc[source['Metadata_Well'] == well['Metadata_Well'], KEPT].to_numpy(np.float32)
+    expected = (source.loc[source['Metadata_Well'] == well['Metadata_Well'], KEPT]
+                .to_numpy(np.float32))
     np.testing.assert_array_equal(features[row], expected[0])
     sites = index[(index['Metadata_Plate'] == well['Metadata_Plate'])
                   & (index['Metadata_Well'] == well['Metadata_Well'])]

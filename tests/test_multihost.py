@@ -1,4 +1,5 @@
-"""Two processes on one machine, each feeding its share of the contexts, equal one 4-device process."""
+"""Two processes on one machine, each feeding its share of the contexts, equal one 4-device process.
+"""
 import os
 import socket
 import subprocess

@@ -1,4 +1,5 @@
-"""Folds over plates: disjoint parts, whole groups, reproducibility, JSON, errors naming the fault."""
+"""Folds over plates: disjoint parts, whole groups, reproducibility, JSON, errors naming the fault.
+"""
 import math
 
 import pandas as pd
@@ -10,7 +11,8 @@ from csarm_jax.data import splits
 def _table(sources=3, batches=4, plates=3):
   rows = [{'Metadata_Source': f'S{s}', 'Metadata_Batch': f'S{s}_B{b}',
            'Metadata_Plate': f'S{s}_B{b}_P{p}', 'Metadata_Well': w}
-          for s in range(sources) for b in range(batches) for p in range(plates) for w in ('A01', 'B02')]
+          for s in range(sources) for b in range(batches) for p in range(plates)
+          for w in ('A01', 'B02')]
   return pd.DataFrame(rows)
 
 
@@ -96,13 +98,15 @@ def test_held_out_parts_of_the_training_sources():
     parts = {p: set(getattr(fold, p)) for p in splits.PARTS}
     assert set().union(*parts.values()) == ALL_PLATES
     assert sum(len(v) for v in parts.values()) == len(ALL_PLATES)         # disjoint
-    batch_of = TABLE.drop_duplicates('Metadata_Plate').set_index('Metadata_Plate')['Metadata_Batch']
-    source_of = TABLE.drop_duplicates('Metadata_Plate').set_index('Metadata_Plate')['Metadata_Source']
+    by_plate = TABLE.drop_duplicates('Metadata_Plate').set_index('Metadata_Plate')
+    batch_of, source_of = by_plate['Metadata_Batch'], by_plate['Metadata_Source']
     train_batches = set(batch_of[list(fold.train)])
-    # unseen batches: whole batches none of whose plates train; in-domain: plates of training batches
+    # unseen batches: whole batches none of whose plates train; in-domain: plates of training
+    # batches
     assert fold.unseen_batches and not set(batch_of[list(fold.unseen_batches)]) & train_batches
     assert fold.in_domain and set(batch_of[list(fold.in_domain)]) <= train_batches
-    assert set(source_of[list(fold.in_domain + fold.unseen_batches)]) <= set(source_of[list(fold.train)])
+    assert (set(source_of[list(fold.in_domain + fold.unseen_batches)])
+            <= set(source_of[list(fold.train)]))
     assert splits.Fold.from_json(fold.to_json()) == fold
   again = splits.make_folds(TABLE, kind='source', validation_fraction=0.25,
                             unseen_batches_fraction=0.34, in_domain_fraction=0.2, seed=3)

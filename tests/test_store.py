@@ -57,7 +57,8 @@ def test_tile_side_known_answers():
   assert store_writer.tile_side(300, 2, dtype='uint16') == 150
   assert [store_writer.blosc_typesize(d) for d in ('uint8', 'uint16', 'float32')] == [2, 2, 4]
   assert store_writer.tile_side(512, 5, 64) == 64
-  with pytest.raises(store_lib.StoreError, match='tile 100 must be a positive divisor of the image side 512'):
+  with pytest.raises(store_lib.StoreError,
+                     match='tile 100 must be a positive divisor of the image side 512'):
     store_writer.tile_side(512, 5, 100)
 
 
@@ -100,12 +101,14 @@ def _rewrite(path, table=None, manifest=None):
 @pytest.mark.parametrize('corrupt, message', [
     (lambda t, m: t.assign(Metadata_Plate=np.arange(len(t))), 'Metadata_Plate must hold strings'),
     (lambda t, m: t.drop(columns='label'), r"lacks columns \['label'\]"),
-    (lambda t, m: t.assign(row=0), 'duplicates .*: 160 rows, e.g. plate source_1_B0_P0 well A01: row = 0'),
+    (lambda t, m: t.assign(row=0),
+     'duplicates .*: 160 rows, e.g. plate source_1_B0_P0 well A01: row = 0'),
     (lambda t, m: t.assign(row=t.row + 1), "row must index the array's 160 items, but 1 rows, "
                                            'e.g. plate source_2_B1_P1 well D02: row = 160'),
-    (lambda t, m: t.assign(row=t.row.astype(float)), 'column row must hold integers, found dtype float64'),
-    (lambda t, m: t.assign(label=np.where(t.label == 3, 9, t.label)), r'class id in \[0, 8\), but '
-                                                                     '16 rows, e.g. plate source_1_B0_P0 well D01: label = 9'),
+    (lambda t, m: t.assign(row=t.row.astype(float)),
+     'column row must hold integers, found dtype float64'),
+    (lambda t, m: t.assign(label=np.where(t.label == 3, 9, t.label)),
+     r'class id in \[0, 8\), but 16 rows, e.g. plate source_1_B0_P0 well D01: label = 9'),
     (lambda t, m: t.assign(is_control=t.is_control.astype(str)), 'is_control must be boolean'),
     (lambda t, m: t.iloc[:-1], 'silently lost'),
     (lambda t, m: t.assign(label=np.where(t.label >= 0, (t.label + 1) % 8, -1)), 'label disagrees'),

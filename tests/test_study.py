@@ -116,7 +116,8 @@ def test_report_is_computed_from_results_csv(smoke):
   results.loc[(results['method'] == 'cs_arm_bn') & (results['setting'] == 'in_domain') &
               (results['sweep'] == 'none'), 'accuracy'] = 0.4321
   results.to_csv(path, index=False)
-  text = report.write(workdir, study.paper_numbers(), 'unseen_source', 'python experiments/reproduce.py')
+  text = report.write(workdir, study.paper_numbers(), 'unseen_source',
+                      'python experiments/reproduce.py')
   assert '0.432 ± 0.000 (n=1)' in text
   assert os.path.exists(os.path.join(workdir, 'summary.md'))
   for name in ('accuracy_by_setting', 'accuracy_vs_label_shift', 'accuracy_vs_context_size',

@@ -1,4 +1,5 @@
-"""The synthetic benchmark: determinism, the store it writes, its layout, and its effect structure."""
+"""The synthetic benchmark: determinism, the store it writes, its layout and its effect structure.
+"""
 import json
 import os
 import re
@@ -201,7 +202,8 @@ def test_cli_on_tiny_with_an_override(tmp_path):
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, 'data_prep', 'make_synthetic.py'), '--preset=tiny',
-       f'--out={out}', '--seed=2', '--workers=1', '--layout.num_sources=4', '--effects.strength=0.5'],
+       f'--out={out}', '--seed=2', '--workers=1', '--layout.num_sources=4',
+       '--effects.strength=0.5'],
       capture_output=True, text=True, env=env, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   store = data.open_store(str(out))

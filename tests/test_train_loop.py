@@ -35,8 +35,9 @@ def test_run_writes_metrics_predictions_and_a_consistent_summary(finished):
                'config.json'):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
-  assert set(results['evaluations']) == {f'{part}.{mode}' for part in ('test', 'in_domain', 'validation')
-                                         for mode in ('chunks', 'whole_plate', 'label_shift_alpha0.1')}
+  assert set(results['evaluations']) == {
+      f'{part}.{mode}' for part in ('test', 'in_domain', 'validation')
+      for mode in ('chunks', 'whole_plate', 'label_shift_alpha0.1')}
   store = open_store(config.store)
   fold = json.load(open(os.path.join(workdir, 'fold.json')))
   for name, summary in results['evaluations'].items():
@@ -69,7 +70,8 @@ def test_whole_plate_evaluation_equals_adapting_on_the_whole_plate(finished):
   perturbed = ~rows['is_control'].to_numpy()
   logits = csarm_jax.predict(exp.model, variables, stats, images[perturbed])
   expected = np.asarray(jax.nn.softmax(logits))
-  got = frame.set_index('row').loc[rows['row'].to_numpy()[perturbed]].filter(like='prob_').to_numpy()
+  got = (frame.set_index('row').loc[rows['row'].to_numpy()[perturbed]]
+         .filter(like='prob_').to_numpy())
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -123,7 +125,8 @@ def test_sigterm_saves_and_resumes_exactly(finished, store_path, tmp_path):
   assert saved == json.loads(config.to_json_best_effort())
   changed = ml_collections.ConfigDict(config.to_dict())
   changed.eval.seed += 1
-  assert loop._warn_changed_config(saved, json.loads(changed.to_json_best_effort())) == ['eval.seed']
+  changed_keys = loop._warn_changed_config(saved, json.loads(changed.to_json_best_effort()))
+  assert changed_keys == ['eval.seed']
   loop.train_and_evaluate(config, workdir)
   chex.assert_trees_all_equal(_params(workdir, config).params, _params(workdir_a, config).params)
 
@@ -196,8 +199,9 @@ def test_an_unknown_optimizer_is_rejected_not_replaced():
   # make_optimizer is also called without check_config (export rebuilds a run's optimizer)
   config = tiny_config('unused')
   config.optimizer.name = 'lamb'
-  with pytest.raises(experiment.ConfigError, match="config.optimizer.name: unknown optimizer "
-                                                   r"'lamb'; choose one of \['adam', 'adamw', 'sgd'\]"):
+  with pytest.raises(experiment.ConfigError,
+                     match="config.optimizer.name: unknown optimizer "
+                           r"'lamb'; choose one of \['adam', 'adamw', 'sgd'\]"):
     experiment.make_optimizer(config, total_steps=10)
 
 
