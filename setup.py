@@ -33,7 +33,7 @@ setup(
         'tensorboardX>=2.6',
     ],
     extras_require={
-        'test': ['pytest>=8.0', 'pytest-xdist>=3.5'],
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6'],
         'cuda12': ['jax[cuda12]>=0.10.0'],
         'tpu': ['jax[tpu]>=0.10.0'],
         # torch only reads the reference's checkpoints (import_torch.py) and runs the side-by-side

@@ -20,7 +20,8 @@ Layout and deliberate defects (selection used by the tests: sources 3, 8 and 10,
   P24 DMSO. Plate A9999999 is in load_data but not in plate.csv.
 * source_10 (CV8000 names ``<plate>_A01_T0001F001L01A01Z01C01.tif``, DNA=C01 .. Mito=C05, 27x27
   (odd) -> 14x14 after x0.5, ``load_data.csv``, wells written unpadded as 'A1'): plate
-  Dest210726-160150: A01 quinidine, B01 DMSO; A01 site 2's RNA file is garbage, B01 site 2's DNA image is all zeros.
+  Dest210726-160150: A01 quinidine, B01 DMSO; A01 site 2's RNA file is garbage, B01 site 2's DNA
+  image is all zeros.
 
 CellProfiler profiles exist for BR00000001, 1053601756 (without well D01) and 000321.
 """
