@@ -1,8 +1,9 @@
 r"""Benchmarks that print JSON with the backend, devices and shapes (never run as tests).
 
-  python experiments/benchmark.py --bench=step     # compiled, sharded meta-training step on
-                                                   # device-resident contexts + adapt/predict latency
-  python experiments/benchmark.py --bench=loader   # the input pipeline alone (540x540x5 uint8 store)
+  # the compiled, sharded meta-training step on device-resident contexts + adapt/predict latency
+  python experiments/benchmark.py --bench=step
+  # the input pipeline alone (540x540x5 uint8 store)
+  python experiments/benchmark.py --bench=loader
   python experiments/benchmark.py --bench=train    # the full step with data from a store
   python experiments/benchmark.py --bench=memory   # compile (never run) the step: XLA's memory
                                                    # and cost analysis, any shape, any backend
@@ -45,7 +46,8 @@ _METHOD = flags.DEFINE_string('method', 'cs_arm_bn', 'Method whose training step
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after one compile step).')
 _STORE_SIZES = flags.DEFINE_list('store_sizes', ['512', '2048'],
                                  'loader/train: images per benchmark store (540x540x5 uint8).')
-_COMPRESSIONS = flags.DEFINE_list('compressions', [DEFAULT_COMPRESSION], 'loader: store compressions.')
+_COMPRESSIONS = flags.DEFINE_list('compressions', [DEFAULT_COMPRESSION],
+                                  'loader: store compressions.')
 _TILES = flags.DEFINE_list('tiles', ['0'],
                            'loader: store tile sides (0: default; 540: whole images).')
 _THREADS = flags.DEFINE_integer('num_threads', 2, 'loader/train: grain reader threads.')
@@ -66,7 +68,8 @@ def _timed(fn, steps: int) -> tuple[float, list[float]]:
 
 
 def _time_steps(step, state, batch) -> tuple[float, list[float], Any]:
-  """(compile + first step seconds, per-step seconds, final state) of `step` on one resident batch."""
+  """(compile + first step seconds, per-step seconds, final state) of `step` on one resident
+  batch."""
   holder = {'state': state}
 
   def one_step():

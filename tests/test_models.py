@@ -1,4 +1,5 @@
-"""The model zoo: every name builds and runs; parameter counts and initialisation are as specified."""
+"""The model zoo: every name builds and runs; parameter counts and initialisation are as
+specified."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,8 @@ def test_downsampling_variants_differ_where_documented():
   pooled = models.create('resnet18', 2, width=4, downsample='avgpool')
   strided = models.create('resnet18', 2, width=4, downsample='strided')
   shape = (1, 32, 32, 5)
-  init = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros(shape), norm='context'))
+  def init(m):
+    return jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros(shape), norm='context'))
   assert jax.tree.structure(init(pooled)) == jax.tree.structure(init(strided))
   jaxpr = lambda m: str(jax.make_jaxpr(lambda x: m.init(jax.random.key(0), x, norm='context'))(
       jnp.zeros(shape)))

@@ -39,8 +39,8 @@ def test_step_equals_python_loop_oracle(method_name):
   model, tx, state, step = make(method_name, tx=optax.sgd(0.1))
   batch = make_batch()
   new_state, metrics = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch))
-  loss, grads = jax.value_and_grad(lambda p: _oracle_loss(model, method, p, state.batch_stats, batch))(
-      state.params)
+  loss, grads = jax.value_and_grad(
+      lambda p: _oracle_loss(model, method, p, state.batch_stats, batch))(state.params)
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
   chex.assert_trees_all_close(new_state.params, expected, rtol=1e-4, atol=1e-6)
@@ -73,8 +73,9 @@ def test_erm_trains_running_averages_as_the_mean_over_contexts():
   new_state, _ = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch))
   per_context = []
   for c in range(4):
-    _, upd = model.apply(state.variables, preprocess(jnp.asarray(batch['images'][c])), norm='context',
-                         weights=jnp.asarray(batch['mask'][c]), mutable=[RUNNING_STATS])
+    _, upd = model.apply(state.variables, preprocess(jnp.asarray(batch['images'][c])),
+                         norm='context', weights=jnp.asarray(batch['mask'][c]),
+                         mutable=[RUNNING_STATS])
     per_context.append(upd[RUNNING_STATS])
   expected = jax.tree.map(lambda *r: jnp.mean(jnp.stack(r), 0), *per_context)
   chex.assert_trees_all_close(new_state.batch_stats, expected, rtol=1e-5, atol=1e-6)

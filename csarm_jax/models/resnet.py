@@ -19,7 +19,8 @@ import flax.linen as nn
 
 from csarm_jax.nn import ContextBatchNorm
 
-kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')   # as torch kaiming_normal_
+# as torch's kaiming_normal_
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 HEAD_POOLS = ('global', 'reference')
@@ -85,7 +86,8 @@ class BasicBlock(nn.Module):
     norm = partial(ContextBatchNorm, dtype=self.dtype)
     last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
     pool_main = self.downsample == 'avgpool'
-    y = conv(self.planes, (3, 3), strides=1 if pool_main else self.stride, padding=1, name='conv1')(x)
+    y = conv(self.planes, (3, 3), strides=1 if pool_main else self.stride, padding=1,
+             name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y, mode, weights))
     if pool_main:
       y = _avg_pool(y, self.stride)
@@ -111,7 +113,8 @@ class Bottleneck(nn.Module):
     pool_main = self.downsample == 'avgpool'
     y = _conv1x1(self.conv1x1, self.planes, self.dtype, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y, mode, weights))
-    y = conv(self.planes, (3, 3), strides=1 if pool_main else self.stride, padding=1, name='conv2')(y)
+    y = conv(self.planes, (3, 3), strides=1 if pool_main else self.stride, padding=1,
+             name='conv2')(y)
     y = nn.relu(norm(name='bn2')(y, mode, weights))
     if pool_main:
       y = _avg_pool(y, self.stride)
@@ -162,8 +165,8 @@ class ResNet(nn.Module):
       block_cls = nn.remat(block_cls, static_argnums=(2,))
     min_size = 2 ** (len(self.stage_sizes) + 1)      # stem /2, max-pool /2, each later stage /2
     if min(x.shape[1:3]) < min_size:
-      raise ValueError(f'{self.num_classes}-class ResNet needs images of at least {min_size}x{min_size} '
-                       f'pixels, got {x.shape[1]}x{x.shape[2]}')
+      raise ValueError(f'{self.num_classes}-class ResNet needs images of at least '
+                       f'{min_size}x{min_size} pixels, got {x.shape[1]}x{x.shape[2]}')
     x = x.astype(self.dtype)
     x = nn.Conv(self.width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
                 kernel_init=kaiming_fan_out, name='stem_conv')(x)
@@ -172,8 +175,8 @@ class ResNet(nn.Module):
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = block_cls(self.width * 2 ** i, stride, self.downsample, self.zero_init_last_bn, self.dtype,
-                      self.conv1x1, name=f'stage{i + 1}_block{j}')(x, norm, weights)
+        x = block_cls(self.width * 2 ** i, stride, self.downsample, self.zero_init_last_bn,
+                      self.dtype, self.conv1x1, name=f'stage{i + 1}_block{j}')(x, norm, weights)
     features = _head_pool(x, self.head_pool)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
     return (logits, features) if return_features else logits

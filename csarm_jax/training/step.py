@@ -117,7 +117,8 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
     else:
       (loss, (running, count, correct)), grads = all_at_once(state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
                               batch_stats=running, opt_state=opt_state)
     metrics = {'loss': loss, 'accuracy': correct / jnp.maximum(count, 1),
                'grad_norm': optax.tree_utils.tree_norm(grads), 'labelled': count,
