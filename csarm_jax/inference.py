@@ -64,11 +64,6 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _build_model(spec: dict[str, Any]) -> nn.Module:
-  m = spec['model']
-  return models.create(m['name'], m['num_classes'], dtype=m['dtype'], **m['options'])
-
-
 SELECTED = 'selected'
 
 
@@ -86,7 +81,7 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   spec = _read_json(os.path.join(workdir, SPEC))
   config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, CONFIG)))
   norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
-  model = _build_model(spec)
+  model = models.from_spec(spec['model'])
   tx = make_optimizer(config, total_steps=1)             # the state's structure, not its values
   target = abstract_state(model, tx, models.example_input(model, spec['crop_size']),
                           jax.sharding.SingleDeviceSharding(jax.devices()[0]))
@@ -128,7 +123,7 @@ def load(path: str) -> Predictor:
   if info.get('format_version') != FORMAT_VERSION:
     raise ValueError(f'{path}/{INFERENCE}: format_version {info.get("format_version")} is not '
                      f'{FORMAT_VERSION}')
-  model = _build_model(info)
+  model = models.from_spec(info['model'])
   with ocp.StandardCheckpointer() as loader:
     variables = loader.restore(os.path.join(os.path.abspath(path), VARIABLES))
   norm = normalization.NormStats.from_json(json.dumps(info['normalization']))

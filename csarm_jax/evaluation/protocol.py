@@ -21,6 +21,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from csarm_jax.data import normalization, pipeline
+from csarm_jax.evaluation import plates as plate_eval
 from csarm_jax.evaluation.metrics import prob_columns
 from csarm_jax import parallel
 
@@ -141,6 +142,20 @@ def run_contexts(store, mesh, eval_step, variables, batches: Iterable[dict[str, 
   return frame, loss_sum, labelled
 
 
+def run_plates(run, variables, batches: Iterable[dict[str, np.ndarray]], plates_per_step: int
+               ) -> tuple[pd.DataFrame, float, int]:
+  """``run_contexts`` for a test-time adaptation method: each plate's contexts adapted in order
+  (see ``evaluation.plates``)."""
+  parts = list(plate_eval.adapt_contexts(run.model, run.method, run.preprocess, run.mesh, variables,
+                                         batches, plates_per_step))
+  if not parts:
+    raise ValueError('evaluation produced no contexts')
+  out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  loss_sum, labelled = plate_eval.labelled_loss(out['logits'], out['labels'])
+  frame = predictions_frame(run.store, out['rows'], out['logits'], out['context'])
+  return frame, loss_sum, labelled
+
+
 def whole_plate_predictions(run, variables, plates, protocol: Protocol) -> pd.DataFrame:
   """Each plate normalised as ``run.method`` rules for a whole test set (its statistics streamed
   exactly, or running averages), then every perturbed image predicted."""
@@ -178,8 +193,13 @@ def evaluate(run, eval_step, variables, plates, protocol: Protocol, mode: str = 
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
   if mode == 'whole_plate':
+    if not run.method.whole_plate:
+      raise ValueError(f'{run.method.name}: whole-plate evaluation does not apply')
     return whole_plate_predictions(run, variables, plates, protocol), {}
   batches = context_batches(run.store, plates, run.method, protocol,
                             alpha=alpha if mode == 'label_shift' else None)
-  frame, loss_sum, labelled = run_contexts(run.store, run.mesh, eval_step, variables, batches)
+  if run.method.test_time is not None:        # the method adapts: plates, each in order
+    frame, loss_sum, labelled = run_plates(run, variables, batches, protocol.contexts_per_step)
+  else:
+    frame, loss_sum, labelled = run_contexts(run.store, run.mesh, eval_step, variables, batches)
   return frame, {'loss': loss_sum / max(labelled, 1), 'labelled': labelled}

@@ -15,15 +15,17 @@ from csarm_jax.evaluation.step import compiled_eval_step
 PARTS = ('test', 'unseen_batches', 'in_domain', 'validation')
 
 
-def evaluation_settings(fold, protocol: Protocol) -> list[tuple[str, str, Any, tuple[str, ...]]]:
-  """(part, mode, alpha, plates) for every evaluation ``protocol`` asks of ``fold``'s parts."""
+def evaluation_settings(fold, protocol: Protocol, method
+                        ) -> list[tuple[str, str, Any, tuple[str, ...]]]:
+  """(part, mode, alpha, plates) for every evaluation ``protocol`` asks of ``fold``'s parts that
+  applies to ``method`` (whole-plate statistics only where ``method.whole_plate``)."""
   settings = []
   for part in PARTS:
     plates = getattr(fold, part)
     if not plates:
       continue
     settings.append((part, 'chunks', None, plates))
-    if protocol.whole_plate:
+    if protocol.whole_plate and method.whole_plate:
       settings.append((part, 'whole_plate', None, plates))
     for alpha in protocol.label_shift_alphas:
       settings.append((part, 'label_shift', alpha, plates))
@@ -37,7 +39,7 @@ def evaluate_all(run, variables, protocol: Protocol, workdir: str) -> dict[str, 
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
   results = {}
-  for part, mode, alpha, plates in evaluation_settings(run.fold, protocol):
+  for part, mode, alpha, plates in evaluation_settings(run.fold, protocol, run.method):
     name = f'{part}.{mode}' + (f'_alpha{alpha:g}' if alpha is not None else '')
     frame, extra = evaluate(run, eval_step, variables, plates, protocol, mode, alpha)
     summary = {**metrics_lib.summarize(frame, run.store.class_names), **extra,

@@ -31,6 +31,8 @@ class Method:
   statistics_from: str = 'context'  # 'context': every real row | 'controls': the controls alone
   statistics_gradient: bool = True  # training gradients flow through the context statistics
                                     # (False: they are constants, as the reference's BEN)
+  context_net: bool = False       # the model gains ARM-CML's context network (models.arm_cml)
+  test_time: Any = None           # test-time adaptation settings (csarm_jax.tta); None: no updates
 
   def __post_init__(self):
     if self.train_sampling not in ('plate', 'mixed'):
@@ -46,6 +48,25 @@ class Method:
     if not self.statistics_gradient and self.running_stats:
       raise ValueError(f'{self.name}: statistics_gradient=False is for context-statistics methods; '
                        'ERM-style training keeps the gradient through its batch statistics')
+    if self.test_time is not None and self.eval_norm != CONTEXT:
+      raise ValueError(f'{self.name}: test-time adaptation normalises with the batch statistics')
+
+  @property
+  def trains(self) -> bool:
+    """Whether the method trains a model; test-time adaptation starts from a trained one."""
+    return self.test_time is None
+
+  @property
+  def whole_plate(self) -> bool:
+    """Whether whole-plate evaluation applies: it streams BatchNorm statistics over a plate, while
+    test-time adaptation learns from contexts and ARM-CML's context embedding is not streamed."""
+    return self.trains and not self.context_net
+
+  def model_choice(self, name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The (registry name, options) of the model this method trains around ``name``."""
+    if self.context_net:
+      return 'arm_cml', {'backbone': name, **options}
+    return name, options
 
   def weights(self, mask: jax.Array, is_control: jax.Array) -> jax.Array:
     """Per-row weights of a context's BatchNorm statistics: 0 for padding (and, for BEN, for

@@ -6,12 +6,28 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import flax.linen as nn
 
+from csarm_jax.models.arm_cml import ARMCML
 from csarm_jax.models.resnet import ResNet18, ResNet34, ResNet50
 from csarm_jax.models.small import CNN, MLP
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {
-    'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50, 'cnn': CNN, 'mlp': MLP,
+
+def _arm_cml(num_classes: int, backbone: str = 'resnet50', in_channels: int = 5,
+             context_channels: int = 12, context_hidden: int = 64, context_kernel: int = 5,
+             dtype: Any = jnp.float32, **backbone_options: Any) -> ARMCML:
+  """ARM-CML around an image backbone (``backbone_options`` go to it)."""
+  if backbone not in _IMAGE_MODELS:
+    raise ValueError(f'arm_cml needs an image backbone, one of {sorted(_IMAGE_MODELS)}; '
+                     f'got {backbone!r}')
+  net = _IMAGE_MODELS[backbone](num_classes=num_classes, in_channels=in_channels + context_channels,
+                                dtype=dtype, **backbone_options)
+  return ARMCML(net, num_classes, in_channels, context_channels, context_hidden, context_kernel,
+                dtype)
+
+
+_IMAGE_MODELS: dict[str, Callable[..., nn.Module]] = {
+    'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50, 'cnn': CNN,
 }
+_MODELS: dict[str, Callable[..., nn.Module]] = {**_IMAGE_MODELS, 'mlp': MLP, 'arm_cml': _arm_cml}
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -24,7 +40,8 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
 
   Image models take ``in_channels`` (default 5), ResNets also ``width``, ``downsample``
   ('avgpool' | 'strided'), ``zero_init_last_bn`` and ``head_pool`` ('global' | 'reference');
-  the MLP needs ``in_features``.
+  the MLP needs ``in_features``; ``arm_cml`` takes ``backbone`` (an image model's name),
+  ``context_channels``, ``context_hidden``, ``context_kernel`` and the backbone's options.
   """
   if name not in _MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(_MODELS)}')
@@ -36,6 +53,11 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
     return _MODELS[name](num_classes=num_classes, **options)
   except TypeError as e:
     raise ValueError(f'bad options for model {name!r}: {e}') from None
+
+
+def from_spec(spec: dict[str, Any]) -> nn.Module:
+  """The model a run's ``model.json`` records: ``{'name', 'num_classes', 'dtype', 'options'}``."""
+  return create(spec['name'], spec['num_classes'], dtype=spec['dtype'], **spec['options'])
 
 
 def example_input(model: nn.Module, crop_size: int | None) -> jnp.ndarray:

@@ -7,6 +7,7 @@ divide over the devices, a crop larger than the images.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
@@ -17,7 +18,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from csarm_jax import methods, models
+from csarm_jax import methods, models, tta
 from csarm_jax.data import normalization, plate_check, splits
 from csarm_jax.data.contexts import TOO_FEW
 from csarm_jax.data.store import ImageStore, StoreError, open_store
@@ -45,6 +46,7 @@ class Experiment:
   total_steps: int                 # upper bound: early stopping may end sooner
   protocol: Protocol               # how held-out plates are evaluated
   skipped: dict[str, Any] = dataclasses.field(default_factory=dict)   # plate_check's report
+  source: dict[str, Any] | None = None   # test-time adaptation: the adapted run's model.json
 
   def preprocess(self, images: jax.Array) -> jax.Array:
     """The one input transform of training, evaluation and prediction."""
@@ -90,6 +92,16 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
     method = methods.get(config.method, **dict(config.get('method_options') or {}))
   except ValueError as e:
     raise ConfigError(f'config.method_options: {e}') from None
+  if not method.trains:
+    _require(bool(config.tta.source), 'tta.source',
+             f'{method.name} adapts a trained model: give the workdir of a finished training run')
+    _tta_settings(method, config)
+  _check_controls(method, config)
+  _check_optimizer(config.optimizer)
+  return method
+
+
+def _check_controls(method: Method, config: ml_collections.ConfigDict) -> None:
   if method.train_controls:
     _require(config.data.num_controls >= 1, 'data.num_controls',
              f'{method.name} trains on contexts with the plate\'s controls: K must be >= 1 '
@@ -97,8 +109,6 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
   if method.eval_controls:
     _require(config.eval.num_controls >= 1, 'eval.num_controls',
              f'{method.name} normalises test contexts with the plate\'s controls: K must be >= 1')
-  _check_optimizer(config.optimizer)
-  return method
 
 
 def _adam(lr: Any, o: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -122,6 +132,35 @@ def _check_optimizer(o: ml_collections.ConfigDict) -> None:
            f'unknown optimizer {o.name!r}; choose one of {sorted(OPTIMIZERS)}')
   _require(o.schedule in SCHEDULES, 'optimizer.schedule',
            f'unknown schedule {o.schedule!r}; choose one of {list(SCHEDULES)}')
+
+
+def _read_source(config: ml_collections.ConfigDict, name: str) -> Any:
+  """A JSON file of the run that test-time adaptation starts from."""
+  path = os.path.join(config.tta.source, name)
+  _require(os.path.exists(path), 'tta.source', f'{path} is missing: give the workdir of a finished '
+           f'training run')
+  with open(path) as f:
+    return json.load(f)
+
+
+def _tta_settings(method: Method, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config.tta.settings``, checked against the method's settings value."""
+  settings = dict(config.tta.settings)
+  try:
+    tta.with_overrides(method.test_time, **settings)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.tta.settings: {e}') from None
+  return settings
+
+
+def _adapting(method: Method, config: ml_collections.ConfigDict) -> Method:
+  """A test-time adaptation method completed by the run it adapts (``config.tta.source``)."""
+  source = _read_source(config, 'model.json')['method']
+  _require(source in methods.METHODS and methods.get(source).trains, 'tta.source',
+           f'its model.json names {source!r}, not a training method')
+  method = methods.from_source(method, methods.get(source), **_tta_settings(method, config))
+  _check_controls(method, config)
+  return method
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -219,6 +258,8 @@ def schedule_length(config: ml_collections.ConfigDict, store: ImageStore,
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   method = check_config(config)
+  if not method.trains:         # completed by its source run first: plates are checked for it
+    method = _adapting(method, config)
   store = open_run_store(config)
   if store.kind == 'images':
     h, w = store.item_shape[:2]
@@ -236,16 +277,21 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
       parallel.check_contexts_divide(config[section][key], mesh, field)
     except ValueError as e:
       raise ConfigError(f'config.{e}') from None
+  if not method.trains:
+    return _adaptation_run(config, store, fold, method, mesh, skipped)
   try:
     check_microbatch(config.data.contexts_per_step, config.data.get('contexts_per_microbatch'),
                      mesh.size)
   except ValueError as e:
     raise ConfigError(f'config.data.{e}') from None
   norm = fold_normalization(config, store, fold, workdir)
+  _require(not method.context_net or store.kind == 'images', 'method',
+           f'{method.name} needs an image store (its context net is a CNN)')
+  name, options = method.model_choice(config.model.name, model_options(config, store))
   try:
     remat = {'remat': True} if config.model.get('remat') else {}   # memory only: not in model.json
-    model = models.create(config.model.name, len(store.class_ids), dtype=config.model.dtype,
-                          **model_options(config, store), **remat)
+    model = models.create(name, len(store.class_ids), dtype=config.model.dtype, **options,
+                          **remat)
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from None
   steps_per_epoch, total_steps = schedule_length(config, store, fold)
@@ -253,11 +299,30 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                     steps_per_epoch, total_steps, Protocol.from_config(config, store.kind), skipped)
 
 
+def _adaptation_run(config, store, fold, method, mesh, skipped) -> Experiment:
+  """The run of a test-time adaptation: the source run's model, optimizer structure (to restore
+  its checkpoint) and normalisation, on the same fold; nothing to train."""
+  spec = _read_source(config, 'model.json')
+  _require(splits.Fold.load(os.path.join(config.tta.source, 'fold.json')) == fold, 'split',
+           f'the fold differs from that of tta.source {config.tta.source}: adapt on its test '
+           f'plates')
+  _require(len(spec['classes']) == len(store.class_ids), 'tta.source',
+           f'its model has {len(spec["classes"])} classes, the store {len(store.class_ids)}')
+  norm = normalization.NormStats.load(os.path.join(config.tta.source, 'normalization.json'))
+  model = models.from_spec(spec['model'])
+  source_config = ml_collections.ConfigDict(_read_source(config, 'config.json'))
+  return Experiment(config, store, fold, norm, model, method, make_optimizer(source_config, 1),
+                    mesh, 1, 0, Protocol.from_config(config, store.kind), skipped, source=spec)
+
+
 def model_spec(exp) -> dict[str, Any]:
   """What a run writes to ``workdir/model.json``: enough to rebuild its model and protocol."""
   c = exp.config
-  return {'model': {'name': c.model.name, 'num_classes': len(exp.store.class_ids),
-                    'options': model_options(c, exp.store), 'dtype': c.model.dtype},
+  name, options = exp.method.model_choice(c.model.name, model_options(c, exp.store))
+  model = exp.source['model'] if exp.source else {
+      'name': name, 'num_classes': len(exp.store.class_ids), 'options': options,
+      'dtype': c.model.dtype}
+  return {'model': model,
           'method': exp.method.name, 'store_kind': exp.store.kind,
           'channels': exp.store.channels,
           'classes': [{'id': i, 'name': n} for i, n in zip(exp.store.class_ids, exp.store.class_names)],

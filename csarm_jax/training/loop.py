@@ -310,14 +310,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info('%s | %s | %s on %d devices | %d steps/epoch, at most %d steps',
                exp.fold.description, exp.method.name, config.model.name, exp.mesh.size,
                exp.steps_per_epoch, exp.total_steps)
-  state, meta = train(exp, workdir, on_step)
+  if exp.method.trains:
+    state, meta = train(exp, workdir, on_step)
+    variables, step = state.variables, int(state.step)
+  else:                     # test-time adaptation: the source run's model, adapted at evaluation
+    variables, meta, step = restore_variables(exp, config.tta.source), _fresh_meta(), 0
   results = {}
   if config.eval.final_evaluation:
     with jax.transfer_guard(config.train.transfer_guard):
-      results = suite.evaluate_all(exp, state.variables, exp.protocol, workdir)
+      results = suite.evaluate_all(exp, variables, exp.protocol, workdir)
   final = {'method': exp.method.name, 'fold': exp.fold.name, 'seed': config.seed,
            'best_step': meta['best_step'], 'stopped_early': meta['stopped_early'],
-           'evaluated_step': int(state.step), 'skipped': exp.skipped, 'evaluations': results}
+           'evaluated_step': step, 'skipped': exp.skipped, 'evaluations': results}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(final, f, indent=1)

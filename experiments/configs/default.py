@@ -11,7 +11,8 @@ from ml_collections import config_dict
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | cs_arm_bn | ben
+  c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | cs_arm_bn | ben |
+                                    # arm_cml | cs_arm_cml | tent | deyo | roid (see c.tta)
   # Method fields a run may change. statistics_gradient: whether training gradients flow through
   # the context's BatchNorm statistics (False: constants, the reference's BEN; see jump_reference).
   c.method_options = ml_collections.ConfigDict({'statistics_gradient': True})
@@ -93,6 +94,13 @@ def get_config() -> ml_collections.ConfigDict:
       'label_shift_seed': 5678,
       'chunk_size': 256,            # rows per pass when streaming whole plates
       'final_evaluation': True,     # evaluate every held-out part when training ends
+  })
+
+  # Test-time adaptation (methods tent | deyo | roid): no training; the model of a finished run
+  # (any training method, same store and fold) is adapted on each test plate's contexts.
+  c.tta = ml_collections.ConfigDict({
+      'source': config_dict.placeholder(str),   # workdir of the trained run to adapt
+      'settings': {},               # overrides of csarm_jax.tta's defaults, e.g. {'steps': 2}
   })
 
   c.distributed = ml_collections.ConfigDict({
