@@ -1,7 +1,7 @@
 """Self-contained inference checkpoints and prediction of new plates.
 
-    export(workdir, out)                       # best checkpoint of a run -> out/{variables, inference.json}
-    members = [load(path) for path in exports] # one per fold: an ensemble
+    export(workdir, out)          # best checkpoint of a run -> out/{variables, inference.json}
+    members = [load(path) for path in exports]    # one per fold: an ensemble
     images, wells = predict_store(members, open_store(path))
 
 An export holds everything prediction needs and nothing of training: parameters and running BN
@@ -147,8 +147,8 @@ def _check_compatible(members: Sequence[Predictor], store: ImageStore) -> dict[s
         raise ValueError(f'{where}: trained on images scaled by {m.norm.max_value:g}, the store '
                          f'holds {store.manifest["dtype"]} (max {max_value:g}); convert it alike')
       if m.spec['crop_size'] > min(store.item_shape[:2]):
-        raise ValueError(f'{where}: the model takes {m.spec["crop_size"]}-pixel crops, the store\'s '
-                         f'images are {store.item_shape[0]}x{store.item_shape[1]}')
+        raise ValueError(f'{where}: the model takes {m.spec["crop_size"]}-pixel crops, the '
+                         f'store\'s images are {store.item_shape[0]}x{store.item_shape[1]}')
     if [c['id'] for c in m.spec['classes']] != [c['id'] for c in first['classes']]:
       raise ValueError(f'{m.path}: its classes differ from {members[0].path}\'s')
     if (m.protocol != members[0].protocol or
@@ -158,7 +158,8 @@ def _check_compatible(members: Sequence[Predictor], store: ImageStore) -> dict[s
   return first
 
 
-def predict_store(members: Sequence[Predictor], store: ImageStore, plates: Sequence[str] | None = None,
+def predict_store(members: Sequence[Predictor], store: ImageStore,
+                  plates: Sequence[str] | None = None,
                   contexts_per_step: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
   """Per-image and per-well predictions (ensemble-mean class probabilities, predictive entropy) of
   every perturbed image of ``plates`` (default: all), each plate adapted with its own controls."""

@@ -1,7 +1,7 @@
 """The interface every method implements: which images form a context and which statistics are used.
 
-Most baselines differ only along a few axes (see docs/ARCHITECTURE.md), so a method is a small frozen
-value that the one shared training step and evaluation read; no method copies the loop.
+Most baselines differ only along a few axes (see docs/ARCHITECTURE.md), so a method is a small
+frozen value that the one shared training step and evaluation read; no method copies the loop.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ class Method:
       raise ValueError(f'{self.name}: train_sampling must be plate or mixed')
     if self.train_controls and self.train_sampling != 'plate':
       raise ValueError(f'{self.name}: controls belong to one plate, so need plate contexts')
-    if self.eval_norm not in (CONTEXT, RUNNING) or (self.eval_norm == RUNNING and not self.running_stats):
+    if self.eval_norm not in (CONTEXT, RUNNING) or (self.eval_norm == RUNNING
+                                                    and not self.running_stats):
       raise ValueError(f'{self.name}: eval_norm {self.eval_norm!r} needs running statistics')
     if self.statistics_from not in STATISTICS_FROM or (
         self.statistics_from == 'controls' and not (self.train_controls and self.eval_controls)):

@@ -163,14 +163,15 @@ def _adapting(method: Method, config: ml_collections.ConfigDict) -> Method:
   return method
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict,
+                   total_steps: int) -> optax.GradientTransformation:
   """``config.optimizer``'s transformation; raises ConfigError on an unknown name or schedule."""
   o = config.optimizer
   _check_optimizer(o)
   lr: Any = o.learning_rate
   if o.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, max(total_steps, 1),
-                                            end_value=o.learning_rate * 1e-3)
+    lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps,
+                                            max(total_steps, 1), end_value=o.learning_rate * 1e-3)
   elif o.warmup_steps:
     lr = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
   return OPTIMIZERS[o.name](lr, o)
@@ -206,7 +207,8 @@ def open_run_store(config: ml_collections.ConfigDict) -> ImageStore:
 
 
 def select_fold(config: ml_collections.ConfigDict, store: ImageStore, workdir: str) -> splits.Fold:
-  """The run's fold; saved in the workdir and, on resume, reloaded and checked against the config."""
+  """The run's fold; saved in the workdir and, on resume, reloaded and checked against the
+  config."""
   s = config.split
   folds = make_run_folds(config, store)
   _require(0 <= s.fold < len(folds), 'split.fold', f'{s.fold} is out of range: the {s.kind} split '
@@ -240,7 +242,8 @@ def fold_normalization(config: ml_collections.ConfigDict, store: ImageStore, fol
                                                seed=config.seed)
     norm.save(path)
     return norm.to_json()
-  return normalization.NormStats.from_json(parallel.from_lead_process('normalization', load_or_compute))
+  return normalization.NormStats.from_json(
+      parallel.from_lead_process('normalization', load_or_compute))
 
 
 def schedule_length(config: ml_collections.ConfigDict, store: ImageStore,
@@ -295,8 +298,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from None
   steps_per_epoch, total_steps = schedule_length(config, store, fold)
-  return Experiment(config, store, fold, norm, model, method, make_optimizer(config, total_steps), mesh,
-                    steps_per_epoch, total_steps, Protocol.from_config(config, store.kind), skipped)
+  return Experiment(config, store, fold, norm, model, method, make_optimizer(config, total_steps),
+                    mesh, steps_per_epoch, total_steps, Protocol.from_config(config, store.kind),
+                    skipped)
 
 
 def _adaptation_run(config, store, fold, method, mesh, skipped) -> Experiment:
@@ -325,7 +329,8 @@ def model_spec(exp) -> dict[str, Any]:
   return {'model': model,
           'method': exp.method.name, 'store_kind': exp.store.kind,
           'channels': exp.store.channels,
-          'classes': [{'id': i, 'name': n} for i, n in zip(exp.store.class_ids, exp.store.class_names)],
+          'classes': [{'id': i, 'name': n}
+                      for i, n in zip(exp.store.class_ids, exp.store.class_names)],
           'crop_size': exp.protocol.crop_size, 'eval': exp.protocol.spec()}
 
 
