@@ -6,10 +6,11 @@ optimizer state, step), ``data`` (the training iterator's state), ``meta`` (loop
 epoch, early-stopping counters, history), ``config`` (the run's config, a record: runs resume
 from the config they are given, and the loop logs the keys that changed since) and ``digest`` (the
 sha256 of the state's bytes: a flipped bit in an array file restores without any error from
-orbax, so every restore recomputes it and treats a mismatch as a damaged checkpoint). Restores go through
-an abstract target carrying the *current* shardings, so a checkpoint written on 8 devices restores
-on 1 (orbax otherwise refuses a topology change). A state saved with fields the TrainState no longer
-has (``rng``, dropped unread) restores too: those fields are read and discarded, with a warning.
+orbax, so every restore recomputes it and treats a mismatch as a damaged checkpoint).
+Restores go through an abstract target carrying the *current* shardings, so a checkpoint written on
+8 devices restores on 1 (orbax otherwise refuses a topology change). A state saved with fields the
+TrainState no longer has (``rng``, dropped unread) restores too: those fields are read and
+discarded, with a warning.
 """
 from __future__ import annotations
 
