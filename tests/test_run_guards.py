@@ -15,10 +15,12 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 import pytest
+from tensorboardX.proto import event_pb2
 
 from csarm_jax.training import checkpoint, experiment, loop
 from csarm_jax.training import workdir as workdir_lib
 from run_fixture import latest_state, tiny_config
+from test_cli import entry_point
 
 
 @pytest.fixture(scope='module')
@@ -185,6 +187,28 @@ def test_a_resumed_run_marks_the_resume_point_and_drops_replayed_metrics(finishe
   marks = [l for l in lines if l.get('resumed')]
   assert [(m['step'], m['dropped_records']) for m in marks] == [(4, 1)]
   assert [l['step'] for l in lines].index(4) < lines.index(marks[0])
+  # TensorBoard: the resumed writer's SessionLog START at step 5 has readers drop the first
+  # attempt's events from step 5 on (step 5's loss was written, then replayed).
+  events = _events(tmp_path / 'tensorboard')
+  starts = [e.step for e in events if e.HasField('session_log') and
+            e.session_log.status == event_pb2.SessionLog.START]
+  assert starts == [5]
+  loss_steps = [e.step for e in events for v in e.summary.value if v.tag == 'train/loss']
+  assert sorted(loss_steps) == [1, 2, 3, 4, 5, 5, 6]
+
+
+def _events(directory):
+  """Every event of the TensorBoard files in ``directory``, oldest file first (TFRecord framing:
+  length, its crc, the Event proto, its crc)."""
+  events = []
+  for name in sorted(os.listdir(directory)):
+    data = open(os.path.join(directory, name), 'rb').read()
+    at = 0
+    while at < len(data):
+      length = int.from_bytes(data[at:at + 8], 'little')
+      events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+      at += 12 + length + 4
+  return events
 
 
 def test_a_full_disk_names_the_place_and_the_latest_good_step(store_path, tmp_path, monkeypatch):
@@ -200,3 +224,10 @@ def test_a_full_disk_names_the_place_and_the_latest_good_step(store_path, tmp_pa
                      match=r'no space left on the disk of .*checkpoints; the latest good '
                            r'checkpoint is step 2'):
     loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_export_prints_no_orbax_info_lines(finished, tmp_path):
+  workdir, _, _ = finished
+  code, err = entry_point('experiments/export.py', f'--workdir={workdir}', f'--out={tmp_path}/e')
+  assert code == 0, err
+  assert not [line for line in err.splitlines() if re.match(r'I\d{4} ', line)], err
