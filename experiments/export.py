@@ -7,6 +7,7 @@ from absl import flags
 from csarm_jax import cli
 from csarm_jax import inference
 from csarm_jax.training.loop import quiet_library_logs
+from csarm_jax.training.workdir import writable_dir
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished (or running) training run.')
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the export to.')
@@ -19,6 +20,7 @@ flags.mark_flags_as_required(['workdir', 'out'])
 def main(argv):
   del argv
   quiet_library_logs()
+  writable_dir(_OUT.value, '--out')
   path = inference.export(_WORKDIR.value, _OUT.value, _WHICH.value)
   print(f'exported {_WORKDIR.value} ({_WHICH.value}) to {path}')
 

@@ -11,7 +11,6 @@ carries labels, prints the accuracy too.
 """
 import json
 import os
-import tempfile
 
 from absl import flags
 
@@ -19,6 +18,7 @@ from csarm_jax import cli
 from csarm_jax import inference
 from csarm_jax.data import open_store
 from csarm_jax.evaluation import metrics as metrics_lib
+from csarm_jax.training.workdir import writable_dir
 
 _EXPORT = flags.DEFINE_list('export', None, 'Export directories (comma-separated: an ensemble).')
 _STORE = flags.DEFINE_string('store', None, 'Image store path or URL of the plates to predict.')
@@ -32,16 +32,9 @@ _SKIP_BAD = flags.DEFINE_bool('skip_bad', True, 'Skip (and report in skipped.jso
 flags.mark_flags_as_required(['export', 'store', 'out'])
 
 
-def writable_dir(path: str) -> str:
-  """Creates ``path`` and checks that files can be written there, before any work."""
-  os.makedirs(path, exist_ok=True)
-  tempfile.TemporaryFile(dir=path).close()
-  return path
-
-
 def main(argv):
   del argv
-  out = writable_dir(_OUT.value)
+  out = writable_dir(_OUT.value, '--out')          # before any prediction is computed
   members = [inference.load(path) for path in _EXPORT.value]
   store = open_store(_STORE.value)
   images, wells, skipped = inference.predict_plates(members, store, _PLATES.value, _CONTEXTS.value,

@@ -97,13 +97,29 @@ def test_an_export_that_does_not_fit_the_store_is_one_line(store_path, capsys, s
 
 
 @pytest.mark.parametrize('script, args, line', [
-    ('data_prep/make_synthetic.py', ['--preset=tiny', '--layout.num_sources=0'],
+    ('data_prep/make_synthetic.py', ['--preset=tiny', '--layout.num_sources=0', '--out={out}'],
      'error: synthetic config field layout.num_sources: must be >= 1'),
-    ('data_prep/make_synthetic.py', ['--preset=tiny'], 'error: {out} is not empty'),
-    ('experiments/export.py', ['--workdir={out}'],
+    ('data_prep/make_synthetic.py', ['--preset=tiny', '--out={out}'], 'error: {out} is not empty'),
+    ('experiments/export.py', ['--workdir={out}', '--out={out}'],
      'error: {out}/checkpoints holds no checkpoint to export'),
-    ('experiments/predict.py', ['--export={out}/none', '--store={out}'],
+    ('experiments/predict.py', ['--export={out}/none', '--store={out}', '--out={out}'],
      'error: {out}/none/inference.json is missing'),
+    # An unwritable --out or workdir (a file where a folder should be: as root, chmod stops no
+    # write) is named before any work: before the missing export, the empty workdir, the store.
+    ('experiments/predict.py', ['--export={out}/none', '--store={out}', '--out={out}/model.json/p'],
+     'error: --out {out}/model.json/p is not writable (not a directory)'),
+    ('experiments/export.py', ['--workdir={out}', '--out={out}/model.json/e'],
+     'error: --out {out}/model.json/e is not writable (not a directory)'),
+    ('experiments/train.py', ['--config=experiments/configs/quickstart.py',
+                              '--config.store={out}/none', '--workdir={out}/model.json/run'],
+     'error: workdir {out}/model.json/run is not writable (not a directory)'),
+    ('experiments/predict.py', ['--export={out}/none', '--store={out}', '--out={out}',
+                                '--contexts_per_step=0'],
+     'error: flag --contexts_per_step=0: 0 is not a positive integer'),
+    ('data_prep/jump_index.py', ['--root={out}', '--metadata={out}', '--out={out}/index.parquet'],
+     'error: {out} has no plate.csv, plate.csv.gz or plate.parquet'),
+    ('data_prep/jump_convert.py', ['--index={out}/none.parquet', '--out={out}/store'],
+     'error: {out}/none.parquet is not a readable index Parquet file'),
 ])
 def test_entry_points_report_bad_input_in_one_line(tmp_path, script, args, line):
   out = tmp_path / 'out'
@@ -111,7 +127,6 @@ def test_entry_points_report_bad_input_in_one_line(tmp_path, script, args, line)
   for name in ('model.json', 'config.json', 'normalization.json', 'fold.json'):
     (out / name).write_text('{}')                  # a workdir (or non-empty folder) without a run
   args = [a.format(out=out) for a in args]
-  code, err = entry_point(script, *args, *([] if any(a.startswith('--out') for a in args)
-                                           else [f'--out={out}']))
+  code, err = entry_point(script, *args)
   assert code == 1, err
   assert len(err.strip().splitlines()) == 1 and err.startswith(line.format(out=out)), err

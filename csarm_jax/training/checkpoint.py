@@ -1,23 +1,28 @@
 """Orbax checkpoints of a run: ``latest`` (resume), ``best`` (by validation loss) and ``diverged``
 (the state that produced a NaN/inf loss, for post-mortems; never resumed from).
 
-Each checkpoint holds four items: ``state`` (the TrainState pytree: parameters, running BN averages,
+Each checkpoint holds five items: ``state`` (the TrainState pytree: parameters, running BN averages,
 optimizer state, step), ``data`` (the training iterator's state), ``meta`` (loop bookkeeping --
-epoch, early-stopping counters, history) and ``config`` (the run's config, a record: runs resume
-from the config they are given, and the loop logs the keys that changed since). Restores go through
-an abstract target carrying the *current* shardings, so a checkpoint written on 8 devices restores
-on 1 (orbax otherwise refuses a topology change). A state saved with fields the TrainState no longer
-has (``rng``, dropped unread) restores too: those fields are read and discarded, with a warning.
+epoch, early-stopping counters, history), ``config`` (the run's config, a record: runs resume
+from the config they are given, and the loop logs the keys that changed since) and ``digest`` (the
+sha256 of the state's bytes: a flipped bit in an array file restores without any error from
+orbax, so every restore recomputes it and treats a mismatch as a damaged checkpoint).
+Restores go through an abstract target carrying the *current* shardings, so a checkpoint written on
+8 devices restores on 1 (orbax otherwise refuses a topology change). A state saved with fields the
+TrainState no longer has (``rng``, dropped unread) restores too: those fields are read and
+discarded, with a warning.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -27,6 +32,22 @@ DAMAGED = 'damaged'           # unreadable steps moved aside by a resuming run
 
 class CheckpointError(OSError):
   """A checkpoint that cannot be read or written; the message names it and what to do."""
+
+
+class DigestMismatch(CheckpointError):
+  """A restored state whose bytes differ from those saved (a corrupted array file)."""
+
+
+def state_digest(state: Any) -> str:
+  """sha256 over the dtype, shape and bytes of every leaf of a replicated state, in tree order
+  (each process hashes its own copy; a replicated state's copies are identical)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(state):
+    x = np.asarray(jax.device_get(leaf.addressable_data(0) if isinstance(leaf, jax.Array)
+                                  else leaf))
+    digest.update(f'{x.dtype}{x.shape}'.encode())
+    digest.update(np.ascontiguousarray(x).tobytes())
+  return digest.hexdigest()
 
 
 def _free_suffix(path: str) -> int:
@@ -57,7 +78,8 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler(),
-                       'config': ocp.JsonCheckpointHandler()})
+                       'config': ocp.JsonCheckpointHandler(),
+                       'digest': ocp.JsonCheckpointHandler()})
     # DIVERGED: a state whose loss became NaN/inf, kept apart so that resuming uses the last good
     # one
     self._managers = {LATEST: manager(LATEST, keep_latest), BEST: manager(BEST, 1),
@@ -75,7 +97,9 @@ class Checkpoints:
       manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  data=ocp.args.JsonSave(data),
                                                  meta=ocp.args.JsonSave(meta),
-                                                 config=ocp.args.JsonSave(config)))
+                                                 config=ocp.args.JsonSave(config),
+                                                 digest=ocp.args.JsonSave(
+                                                     {'sha256': state_digest(state)})))
 
   @contextlib.contextmanager
   def _disk_full_named(self):
@@ -113,12 +137,16 @@ class Checkpoints:
 
   def _restore_step(self, which: str, step: int, abstract_state: Any):
     manager = self._managers[which]
+    digested = 'digest' in (manager.item_metadata(step) or {})   # absent: saved before digests
     restore = lambda target: manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+        meta=ocp.args.JsonRestore(), **({'digest': ocp.args.JsonRestore()} if digested else {})))
     dropped = _dropped_fields(manager, step, abstract_state)
-    if not dropped:
+    if not dropped:          # (states with dropped fields predate digests)
       restored = restore(abstract_state)
+      if digested and state_digest(restored['state']) != restored['digest']['sha256']:
+        raise DigestMismatch('the restored state differs from the one saved (sha256 of its '
+                             'bytes): an array file is corrupted')
       return restored['state'], restored['data'], restored['meta']
     logging.warning('%s checkpoint %d holds state fields this version dropped, ignored: %s',
                     which, step, sorted(dropped))

@@ -134,6 +134,12 @@ def train(exp: experiment.Experiment, workdir: str,
   def save(which: str) -> None:
     ckpt.save(which, step, state, batches.get_state(), meta, config_record)
 
+  def diverged(why: str) -> FloatingPointError:
+    """Saves the state as DIVERGED (never resumed from); the error to raise."""
+    save(checkpoint.DIVERGED)
+    ckpt.wait()
+    return _diverged(step, why, workdir, ckpt.latest_step(checkpoint.LATEST))
+
   bar = tqdm(total=exp.total_steps, initial=step, disable=not lead, unit='step', dynamic_ncols=True)
   try:
     with _SigtermFlag() as sigterm:
@@ -157,13 +163,16 @@ def train(exp: experiment.Experiment, workdir: str,
         if step % c.train.log_every_steps == 0 or step == exp.total_steps or saving:
           summary = _log_metrics(pending, window_start, step, log, bar)
           pending, window_start = [], time.perf_counter()
-          if not np.isfinite(summary['loss']) or (saving and not _all_finite(state.params)):
-            save(checkpoint.DIVERGED)
-            ckpt.wait()
-            raise _diverged(step, summary['loss'], workdir, ckpt.latest_step(checkpoint.LATEST))
+          if not np.isfinite(summary['loss']):
+            raise diverged(f"loss {summary['loss']}")
+          if saving and not _all_finite(state.params):
+            raise diverged('parameters not finite')
         if evaluate_now:
           meta['epoch'] = step // exp.steps_per_epoch
-          _validate(exp, eval_step, state, step, meta, log)
+          try:
+            _validate(exp, eval_step, state, step, meta, log)
+          except FloatingPointError as e:     # finite parameters so large that predictions are not
+            raise diverged(f'validation: {e}') from e
           if meta['best_step'] == step:
             save(checkpoint.BEST)
           save(checkpoint.LATEST)
@@ -225,10 +234,11 @@ def _log_metrics(pending: list[dict[str, jax.Array]], since: float, step: int, l
   return summary
 
 
-def _diverged(step: int, loss: float, workdir: str, good: int | None) -> FloatingPointError:
+def _diverged(step: int, why: str, workdir: str, good: int | None) -> FloatingPointError:
+  """``why``: the loss (checked at logging steps), the parameters (before every save) or the
+  validation predictions that were not finite."""
   return FloatingPointError(
-      f'training diverged by step {step}: loss {loss}, or parameters not finite (checked at '
-      f'logging steps and before every save). The diverged state is in '
+      f'training diverged by step {step}: {why}. The diverged state is in '
       f'{workdir}/checkpoints/{checkpoint.DIVERGED}; '
       + (f'the checkpoint before it (step {good}) is in checkpoints/{checkpoint.LATEST}, which '
          f'a re-run resumes from. ' if good is not None else 'no earlier state was saved. ')
@@ -274,6 +284,8 @@ def _validate(exp, eval_step, state, step: int, meta: dict[str, Any], log: Metri
   with jax.transfer_guard(exp.config.train.transfer_guard):
     frame, result = protocol.evaluate(exp, eval_step, state.variables, exp.fold.validation,
                                       exp.protocol)
+  if not math.isfinite(result['loss']):
+    raise FloatingPointError(f"loss {result['loss']}")
   accuracy = float((frame['pred'] == frame['label']).mean())
   meta['history'].append({'step': step, 'epoch': meta['epoch'], 'val_loss': result['loss'],
                           'val_accuracy': accuracy})

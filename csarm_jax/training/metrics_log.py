@@ -3,11 +3,13 @@
 A resumed run replays the steps after its checkpoint: ``MetricsLog(workdir, resumed_at=step)``
 drops the records of those steps from ``metrics.jsonl``, marks the resume point there
 (``{"step": step, "resumed": true}``) and has TensorBoard purge its later events, so no curve is
-drawn twice.
+drawn twice. A non-finite value (a diverged loss) is written to ``metrics.jsonl`` as ``null``, so
+the file stays strict JSON.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -51,7 +53,9 @@ class MetricsLog:
                       'dropped_records': dropped})
 
   def _append(self, record: dict) -> None:
-    self._jsonl.write(json.dumps(record) + '\n')
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+              for k, v in record.items()}
+    self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
     self._jsonl.flush()
 
   def write(self, step: int, values: dict[str, float], prefix: str) -> None:

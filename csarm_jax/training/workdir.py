@@ -1,5 +1,5 @@
-"""A run's workdir before training starts: refuse to resume it with another model, and leave no
-empty workdir behind when the config check fails.
+"""A run's workdir before training starts: check that it can be written, refuse to resume it with
+another model, and leave no empty workdir behind when the config check fails.
 
 ``model.json`` and ``config.json`` describe the checkpoints beside them (export reads them), so a
 run resumed with another model, method, crop, channels or optimizer must stop before rewriting
@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Iterator
 
 from csarm_jax import nested
@@ -21,6 +22,18 @@ SPEC, CONFIG = 'model.json', 'config.json'
 MUTABLE_SPEC = ('eval.',)
 # Config fields, beyond the spec, that fix the checkpointed state's structure.
 FIXED_CONFIG = ('optimizer.name',)
+
+
+def writable_dir(path: str, what: str) -> str:
+  """Creates ``path`` and writes (and deletes) a file there, so that an unwritable place (``what``
+  names it: a flag, 'workdir') fails at once in one line -- not after the work. Tried, not asked
+  of ``os.access``: as root, permission bits say little."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    tempfile.TemporaryFile(dir=path).close()
+  except OSError as e:
+    raise OSError(f'{what} {path} is not writable ({(e.strerror or str(e)).lower()})') from e
+  return path
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -62,10 +75,11 @@ def check_resume(workdir: str, config_record: dict[str, Any], spec: dict[str, An
 
 @contextlib.contextmanager
 def removed_on_failure(workdir: str) -> Iterator[None]:
-  """Creates ``workdir``; if it did not exist before and the body raises, removes it again."""
+  """Creates ``workdir`` (checked writable); if it did not exist before and the body raises,
+  removes it again."""
   existed = os.path.exists(workdir)
-  os.makedirs(workdir, exist_ok=True)
   try:
+    writable_dir(workdir, 'workdir')
     yield
   except BaseException:
     if not existed:
