@@ -104,13 +104,11 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
 
 def _check_synthetic(config: ml_collections.ConfigDict) -> None:
   features = config.synthetic.get('features')
-  if not features:
+  if not features or not config.synthetic.preset:      # no benchmark to build: a given store
     return
   from csarm_jax.data.synthetic.profiles import LEVELS
   _require(features in LEVELS, 'synthetic.features',
            f'must be one of {LEVELS} (or None: an image store), got {features!r}')
-  _require(bool(config.synthetic.preset), 'synthetic.features',
-           'profiles are built from a synthetic benchmark: set synthetic.preset too')
   _require(synthetic_images_path(config).rstrip('/') != config.store.rstrip('/'),
            'synthetic.images', 'must differ from config.store, which receives the profiles')
 
