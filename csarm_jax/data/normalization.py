@@ -10,7 +10,8 @@ Images (uint8/uint16): ``(x / max_value - mean) / std`` per channel, with mean a
 ``(x - mean) / std`` per feature. The statistics are over every pixel of the given (whole,
 uncropped) stored images: integer images are summed exactly (int64 per chunk, Python integers
 across chunks), feature vectors with float64 Chan-combined per-chunk moments. Standard deviations
-are the population ones.
+are the population ones. A feature constant over the rows is centred only (std 1, as
+scikit-learn's StandardScaler); a constant image channel is an error.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 
 
@@ -111,7 +113,8 @@ def compute_normalization(store, rows: Sequence[int] | np.ndarray, max_images: i
   """Per-channel mean/std over the store items at ``rows`` (a fold's training perturbed images).
 
   ``max_images`` caps the pass at a seeded random subset of that many rows (exact otherwise).
-  Raises ValueError for no rows, a channel holding NaN or inf, or a constant channel (std 0).
+  Raises ValueError for no rows, a channel holding NaN or inf, or a constant image channel (a
+  constant feature gets std 1).
   """
   rows = np.asarray(rows, np.int64)
   if rows.size == 0:
@@ -135,8 +138,12 @@ def compute_normalization(store, rows: Sequence[int] | np.ndarray, max_images: i
     raise ValueError(f'channel {broken[0]} holds NaN or inf in the {len(rows)} images: it cannot '
                      f'be normalised (plate_check.check_parts skips such images)')
   flat = [c for c, s in zip(store.channels, std) if not s > 0]
-  if flat:
+  if flat and store.kind == 'images':
     raise ValueError(f'channel {flat[0]} is constant over the {len(rows)} images (std 0): '
                      f'it cannot be normalised')
+  if flat:        # features: centred only, as scikit-learn's StandardScaler does
+    logging.warning('%d features are constant over the %d training rows (e.g. %s): centred, '
+                    'not scaled (std set to 1)', len(flat), len(rows), flat[0])
+    std = np.where(std > 0, std, 1.0)
   return NormStats(mean=mean.astype(np.float32), std=std.astype(np.float32), kind=store.kind,
                    max_value=max_value, channels=tuple(store.channels), num_images=len(rows))

@@ -122,6 +122,27 @@ def write_metadata(path: str, table: pd.DataFrame, manifest: dict[str, Any]) -> 
   kv.write(MANIFEST_NAME, json.dumps(manifest, indent=2).encode()).result()
 
 
+def write_feature_store(path: str, table: pd.DataFrame, features: np.ndarray,
+                        names: Sequence[str], classes: Sequence[tuple[str, str]], control_id: str,
+                        created_by: dict[str, Any], shard_items: int = 4096,
+                        delete_existing: bool = False,
+                        extra_files: dict[str, bytes] | None = None) -> None:
+  """A whole features store from memory: ``features[i]`` (float32) is the item of ``table``'s
+  row i (its ``row`` column: 0..N-1); ``extra_files`` (name -> bytes, e.g. a report) are written
+  beside the array, the table and the manifest last."""
+  array = create_array(path, len(table), (features.shape[1],), 'float32',
+                       shard_items=shard_items, delete_existing=delete_existing)
+  for start in range(0, len(table), shard_items):
+    stop = min(start + shard_items, len(table))         # tensorstore does not clamp slices
+    array[start:stop].write(features[start:stop]).result()
+  kv = kvstore(path)
+  for name, value in (extra_files or {}).items():
+    kv.write(name, value).result()
+  manifest = make_manifest(names, 'float32', (features.shape[1],), len(table), classes, control_id,
+                           created_by)
+  write_metadata(path, table, manifest)
+
+
 def make_manifest(channels: Sequence[str], dtype: str, item_shape: Sequence[int], num_items: int,
                   classes: Sequence[tuple[str, str]], control_id: str, created_by: dict[str, Any],
                   num_unused_rows: int = 0) -> dict[str, Any]:

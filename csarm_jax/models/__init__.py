@@ -3,4 +3,4 @@ from csarm_jax.models.arm_cml import ARMCML
 from csarm_jax.models.registry import (create, example_input, from_spec, init_variables,
                                       names)
 from csarm_jax.models.resnet import ResNet
-from csarm_jax.models.small import CNN, MLP
+from csarm_jax.models.small import CNN, DROPOUT, MLP

@@ -13,6 +13,8 @@ import flax.linen as nn
 from csarm_jax.models.resnet import kaiming_fan_out
 from csarm_jax.nn import ContextBatchNorm
 
+DROPOUT = 'dropout'               # the rng collection that switches dropout on
+
 
 class CNN(nn.Module):
   """conv3x3 -> BN -> ReLU (-> 2x2 max-pool) per stage, doubling width; GAP; Dense."""
@@ -42,15 +44,20 @@ class CNN(nn.Module):
 
 
 class MLP(nn.Module):
-  """[BN on the inputs] -> (Dense -> BN -> ReLU) x num_layers -> Dense, for (N, D) feature vectors.
+  """[BN on the inputs] -> (Dense -> BN -> ReLU -> Dropout) x num_layers -> Dense, for (N, D)
+  feature vectors.
 
   Every hidden layer has its own BatchNorm (the reference shares one across depth, a bug).
+  Dropout (rate ``dropout``) is active only when the call is given a ``'dropout'`` rng, as the
+  training step does (``training.step.dropout_keys``); evaluation, adaptation and prediction give
+  none, so they are deterministic.
   """
   num_classes: int
   in_features: int
   hidden: int = 256
   num_layers: int = 2
   input_norm: bool = True
+  dropout: float = 0.0
   dtype: Any = jnp.float32
   input_rank = 2
 
@@ -66,6 +73,7 @@ class MLP(nn.Module):
     for i in range(self.num_layers):
       x = nn.Dense(self.hidden, use_bias=False, dtype=self.dtype, name=f'dense{i}')(x)
       x = nn.relu(ContextBatchNorm(dtype=self.dtype, name=f'bn{i}')(x, norm, weights))
+      x = nn.Dropout(self.dropout, deterministic=not self.has_rng(DROPOUT))(x)
     features = x.astype(jnp.float32)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
     return (logits, features) if return_features else logits

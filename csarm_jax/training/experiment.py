@@ -98,7 +98,19 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
     _tta_settings(method, config)
   _check_controls(method, config)
   _check_optimizer(config.optimizer)
+  _check_synthetic(config)
   return method
+
+
+def _check_synthetic(config: ml_collections.ConfigDict) -> None:
+  features = config.synthetic.get('features')
+  if not features or not config.synthetic.preset:      # no benchmark to build: a given store
+    return
+  from csarm_jax.data.synthetic.profiles import LEVELS
+  _require(features in LEVELS, 'synthetic.features',
+           f'must be one of {LEVELS} (or None: an image store), got {features!r}')
+  _require(synthetic_images_path(config).rstrip('/') != config.store.rstrip('/'),
+           'synthetic.images', 'must differ from config.store, which receives the profiles')
 
 
 def _check_controls(method: Method, config: ml_collections.ConfigDict) -> None:
@@ -190,11 +202,34 @@ def make_run_folds(config: ml_collections.ConfigDict, store: ImageStore) -> list
     raise ConfigError(f'config.split: {e}') from None
 
 
+def synthetic_images_path(config: ml_collections.ConfigDict) -> str:
+  """Where a run's synthetic image store is: ``config.store``, or with ``synthetic.features`` set
+  ``synthetic.images`` (default: ``config.store`` + '_images')."""
+  s = config.synthetic
+  if not s.get('features'):
+    return config.store
+  return s.get('images') or config.store.rstrip('/') + '_images'
+
+
+def build_synthetic(config: ml_collections.ConfigDict) -> None:
+  """Builds (or reuses) the synthetic benchmark of ``config.synthetic``: the image store, and with
+  ``synthetic.features`` ('image' | 'well') its hand-crafted profiles as ``config.store``."""
+  from csarm_jax.data import synthetic      # imported only when a benchmark is built
+  from csarm_jax.data.synthetic import profiles
+  s = config.synthetic
+  images = synthetic_images_path(config)
+  synthetic.ensure(images, s.preset, seed=s.seed)
+  if s.get('features'):
+    try:
+      profiles.ensure(config.store, images, level=s.features)
+    except FileExistsError as e:
+      raise ConfigError(f'config.store: {e}') from None
+
+
 def open_run_store(config: ml_collections.ConfigDict) -> ImageStore:
   if config.synthetic.preset:
-    from csarm_jax.data import synthetic      # builds the benchmark on first use
     def build() -> str:   # multi-host: on process 0, so config.store must be a path all can read
-      synthetic.ensure(config.store, config.synthetic.preset, seed=config.synthetic.seed)
+      build_synthetic(config)
       return ''
     parallel.from_lead_process('synthetic store', build)
   elif '://' not in config.store and not os.path.exists(config.store):

@@ -119,7 +119,8 @@ def train(exp: experiment.Experiment, workdir: str,
                                             exp.example_input), exp.mesh)
 
   step_fn = compile_train_step(make_train_step(exp.model, exp.method, exp.tx, exp.preprocess,
-                                               c.data.get('contexts_per_microbatch')), exp.mesh)
+                                               c.data.get('contexts_per_microbatch'),
+                                               seed=c.seed), exp.mesh)
   eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
   log = MetricsLog(workdir, enabled=jax.process_index() == 0,
                   resumed_at=int(state.step) if restored is not None else None)

@@ -7,6 +7,10 @@ statistics, gradients flowing through them -- averages each context's mean cross
 labelled rows, and applies one optimizer update. Under ``jit`` with the context axis sharded over a
 device mesh this is pmap-style data parallelism without pmap.
 
+Dropout (models with a dropout rate) draws its masks from ``dropout_keys(seed, step)``: one key
+per context, a function of the seed and the step number only, so a resumed run and a micro-batched
+step draw the same masks; TrainState carries no rng.
+
 With ``contexts_per_microbatch`` B < C the contexts are processed B at a time under ``lax.scan``,
 gradients (and ERM's running averages) accumulated inside the one compiled step: peak activation
 memory follows B, the update is the all-at-once one up to float rounding.
@@ -21,6 +25,7 @@ import optax
 import flax.linen as nn
 
 from csarm_jax.methods import Method, labelled_cross_entropy
+from csarm_jax.models import DROPOUT
 from csarm_jax.nn import RUNNING_STATS
 from csarm_jax.parallel import context_sharded, replicated
 from csarm_jax.training.state import TrainState
@@ -28,6 +33,13 @@ from csarm_jax.training.state import TrainState
 Batch = dict[str, jax.Array]
 Preprocess = Callable[[jax.Array], jax.Array]
 CONTEXT_KEYS = ('images', 'labels', 'mask', 'is_control')
+DROPOUT_STREAM = 1                # folded into the seed: dropout keys differ from the init key
+
+
+def dropout_keys(seed: int, step: jax.Array, num_contexts: int) -> jax.Array:
+  """(num_contexts,) dropout keys of training step ``step`` (jit-able)."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM), step)
+  return jax.random.split(key, num_contexts)
 
 
 def mean_over_contexts(loss_sum: jax.Array, count: jax.Array) -> jax.Array:
@@ -63,19 +75,20 @@ def _micro_groups(batch: Batch, size: int) -> Batch:
 
 
 def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransformation,
-                    preprocess: Preprocess, contexts_per_microbatch: int | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """The step; ``contexts_per_microbatch`` (None/0: all at once) bounds the contexts in flight."""
+                    preprocess: Preprocess, contexts_per_microbatch: int | None = None,
+                    seed: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The step; ``contexts_per_microbatch`` (None/0: all at once) bounds the contexts in flight;
+  ``seed`` seeds dropout."""
 
   def forward(params, batch_stats, group: Batch):
     """Per-context (loss_sum, count, correct) and running averages of a group of contexts."""
     variables = {'params': params, RUNNING_STATS: batch_stats}
 
-    def one_context(images, labels, mask, is_control):
+    def one_context(images, labels, mask, is_control, key):
       logits, running = method.forward(model, variables, preprocess(images), mask, is_control,
-                                       train=True)
+                                       train=True, rngs={DROPOUT: key})
       return labelled_cross_entropy(logits, labels), running
-    return jax.vmap(one_context)(*(group[k] for k in CONTEXT_KEYS))
+    return jax.vmap(one_context)(*(group[k] for k in CONTEXT_KEYS + (DROPOUT,)))
 
   def all_at_once(state: TrainState, batch: Batch):
     def loss_fn(params):
@@ -86,7 +99,7 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
 
   def micro_batched(state: TrainState, batch: Batch, size: int):
     num_contexts = batch['labels'].shape[0]
-    group_batch = {k: batch[k] for k in CONTEXT_KEYS}
+    group_batch = {k: batch[k] for k in CONTEXT_KEYS + (DROPOUT,)}
     group_batch['weight'] = context_weights(batch['labels'])
 
     def body(carry, group):
@@ -112,6 +125,7 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
     num_contexts = batch['labels'].shape[0]
     size = contexts_per_microbatch
     check_microbatch(num_contexts, size)
+    batch = {**batch, DROPOUT: dropout_keys(seed, state.step, num_contexts)}
     if size and size < num_contexts:
       (loss, (running, count, correct)), grads = micro_batched(state, batch, size)
     else:

@@ -20,7 +20,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.store = config_dict.placeholder(str)   # image store path or URL (file://, gs://, s3://)
 
   # Build the synthetic benchmark into `store` on first use when set (tiny | quickstart | large).
-  c.synthetic = ml_collections.ConfigDict({'preset': config_dict.placeholder(str), 'seed': 0})
+  # features: 'image' | 'well' -- `store` receives hand-crafted profiles of the benchmark's images
+  # (csarm_jax.data.synthetic.profiles), whose images go to `images` (None: `store` + '_images').
+  # Both apply only with a preset.
+  c.synthetic = ml_collections.ConfigDict({
+      'preset': config_dict.placeholder(str), 'seed': 0,
+      'features': config_dict.placeholder(str), 'images': config_dict.placeholder(str)})
 
   c.model = ml_collections.ConfigDict({
       'name': 'resnet50',
@@ -118,6 +123,16 @@ WITHIN_SOURCE = {'new_batches': 'batch', 'new_plates': 'plate'}
 ERM_STYLE = ('erm', 'adabn', 'adabn_controls')
 
 
+def reference_method_choices(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """How the reference trains each method, whatever the model: ERM-style methods take one update
+  per batch (contexts_per_step=1), BEN's control statistics carry no gradient."""
+  if c.method in ERM_STYLE:
+    c.data.contexts_per_step = 1
+  if c.method == 'ben':
+    c.method_options.statistics_gradient = False
+  return c
+
+
 def jump_reference(c: ml_collections.ConfigDict, setting: str | None = None
                    ) -> ml_collections.ConfigDict:
   """The paper's JUMP configs: the reference's training choices (README, "Differences from the
@@ -136,10 +151,7 @@ def jump_reference(c: ml_collections.ConfigDict, setting: str | None = None
   """
   c.model.options.zero_init_last_bn = False
   c.model.options.head_pool = 'reference'    # AvgPool(7, stride 1), then a mean (equal at 224 px)
-  if c.method in ERM_STYLE:
-    c.data.contexts_per_step = 1
-  if c.method == 'ben':
-    c.method_options.statistics_gradient = False
+  reference_method_choices(c)
   if setting in (None, 'cross_source'):
     return c
   if setting not in WITHIN_SOURCE:

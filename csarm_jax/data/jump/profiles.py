@@ -139,16 +139,12 @@ def write_feature_store(out: str, table: pd.DataFrame, features: np.ndarray, nam
   if len(table) == 0:
     raise JumpDataError('no well has a profile: nothing to write')
   try:
-    array = store_writer.create_array(out, len(table), (features.shape[1],), 'float32',
-                                   shard_items=shard_items, delete_existing=overwrite)
-  except ValueError as e:
+    store_writer.write_feature_store(
+        out, table, features, names, [tuple(c) for c in info['classes']], info['control_id'],
+        created_by, shard_items=shard_items, delete_existing=overwrite,
+        extra_files={REPORT_KEY: json.dumps(report, indent=1).encode()})
+  except store_lib.StoreError:       # the table or manifest at fault: its own message
+    raise
+  except ValueError as e:            # tensorstore: a store already at ``out``
     raise JumpDataError(f'cannot create the store at {out} (pass --overwrite to replace one): '
                         f'{e}') from None
-  for start in range(0, len(table), shard_items):
-    stop = min(start + shard_items, len(table))
-    array[start:stop].write(features[start:stop]).result()
-  store_lib.kvstore(out).write(REPORT_KEY, json.dumps(report, indent=1).encode()).result()
-  manifest = store_writer.make_manifest(names, 'float32', (features.shape[1],), len(table),
-                                     [tuple(c) for c in info['classes']], info['control_id'],
-                                     created_by)
-  store_writer.write_metadata(out, table, manifest)
