@@ -49,8 +49,8 @@ def _oracle(x, domain, is_control, fit_domains, final_rows, ridge=0.5):
 
 
 def _fit(x, domain, is_control, fit_domains, final_rows, ridge=0.5):
-  controls, mask = tvn.group_controls(x, domain, is_control, G)
-  params = jax.jit(tvn.fit, static_argnums=3)(controls, mask, fit_domains, K, ridge)
+  groups = tvn.group_controls(x, domain, is_control, G, fit_rows=fit_domains[domain])
+  params = jax.jit(tvn.fit, static_argnums=3)(*groups, K, ridge)
   params = jax.jit(tvn.standardize_on)(params, x, domain, final_rows.astype(np.float32))
   return params, np.asarray(jax.jit(tvn.apply)(params, x, domain))
 
@@ -85,8 +85,7 @@ def test_each_domain_controls_are_whitened_then_coloured():
   (C_T = I) they would have identity covariance."""
   x, domain, is_control = _data(seed=1)
   for ridge in (0.0, 0.5):
-    controls, mask = tvn.group_controls(x, domain, is_control, G)
-    params = tvn.fit(controls, mask, np.ones(G, bool), K, ridge)   # final: identity
+    params = tvn.fit(*tvn.group_controls(x, domain, is_control, G), K, ridge)   # final: identity
     y = np.asarray(tvn.apply(params, x, domain), np.float64)
     p = (((x - params.mean) / params.scale - params.pca_mean) @ params.components)
     z = np.empty_like(p, dtype=np.float64)

@@ -10,8 +10,8 @@ As in EFAAR's ``tvn_on_controls`` with the reference's re-colouring (``plt/data/
    ``z -> z C_g^{-1/2} C_T^{1/2}`` (``ridge`` 0.5 as in both references);
 4. a final standardisation (``standardize_on``: e.g. the training rows).
 
-    groups = group_controls(x, domain, is_control, num_domains)    # host: padded per domain
-    params = fit(*groups, fit_domains, num_components=k)           # jit-able
+    groups = group_controls(x, domain, is_control, G, fit_rows)    # host: padded per domain
+    params = fit(*groups, num_components=k)                        # jit-able
     params = standardize_on(params, x, domain, weights)            # jit-able
     y = apply(params, x, domain)                                   # jit-able, (N, k)
 
@@ -66,19 +66,23 @@ def check_controls(counts: np.ndarray, names: Sequence[str], what: str = 'domain
                      f'{MIN_CONTROLS} ({len(short)} such {what}s)')
 
 
-def group_controls(x: np.ndarray, domain: np.ndarray, is_control: np.ndarray, num_domains: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """(controls (G, M, D), mask (G, M)): each domain's control rows of ``x``, zero-padded to the
-  largest domain's count M -- static shapes for ``fit``."""
+def group_controls(x: np.ndarray, domain: np.ndarray, is_control: np.ndarray, num_domains: int,
+                   fit_rows: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(controls (G, M, D), mask (G, M), fit mask (G, M)): each domain's control rows of ``x``,
+  zero-padded to the largest domain's count M (static shapes for ``fit``); the fit mask marks
+  those among ``fit_rows`` (default: all), the controls the scaler, PCA and target are fitted on."""
   x, domain = np.asarray(x, np.float32), np.asarray(domain)
   is_control = np.asarray(is_control, bool)
+  fit_rows = np.ones(len(x), bool) if fit_rows is None else np.asarray(fit_rows, bool)
   counts = control_counts(domain, is_control, num_domains)
   out = np.zeros((num_domains, max(int(counts.max(initial=0)), 1), x.shape[1]), np.float32)
-  mask = np.zeros(out.shape[:2], np.float32)
+  mask, fit_mask = np.zeros(out.shape[:2], np.float32), np.zeros(out.shape[:2], np.float32)
   for g in range(num_domains):
-    rows = x[is_control & (domain == g)]
-    out[g, :len(rows)], mask[g, :len(rows)] = rows, 1.0
-  return out, mask
+    rows = is_control & (domain == g)
+    n = int(rows.sum())
+    out[g, :n], mask[g, :n], fit_mask[g, :n] = x[rows], 1.0, fit_rows[rows]
+  return out, mask, fit_mask
 
 
 def _scale(var: jax.Array) -> jax.Array:
@@ -108,14 +112,14 @@ def _cov(z: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.einsum('...mk,...ml->...kl', w[..., None] * c, c) / (n - 1)
 
 
-def fit(controls: jax.Array, mask: jax.Array, fit_domains: jax.Array, num_components: int,
+def fit(controls: jax.Array, mask: jax.Array, fit_mask: jax.Array, num_components: int,
         ridge: float = RIDGE) -> TVNParams:
   """TVN fitted on ``controls`` (G, M, D) with ``mask`` (G, M) (``group_controls``): scaler, PCA
-  and target covariance on the controls of domains where ``fit_domains`` (G,) is true, each
-  domain's standardisation and whitening on its own. ``num_components`` is static."""
+  and target covariance on the controls where ``fit_mask`` (G, M) is 1, each domain's
+  standardisation and whitening on its own controls. ``num_components`` is static."""
   controls = controls.astype(jnp.float32)
   mask = mask.astype(jnp.float32)
-  w = mask * fit_domains.astype(jnp.float32)[:, None]                 # (G, M)
+  w = mask * fit_mask.astype(jnp.float32)                             # (G, M)
   mean, var = _moments(controls, w[..., None], (0, 1))
   mean, scale = mean[0, 0], _scale(var[0, 0])
   xs = (controls - mean) / scale

@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
       'num_threads': 4,             # grain threads, each reading one batch (itself concurrent)
       'prefetch': 4,                # batches read ahead (>= num_threads: grain runs at most this
                                     # many threads; 0: read in the training thread)
+      # Feature stores of embeddings: TVN over the fold's plates before training and evaluation
+      # (csarm_jax.features.store_tvn); domain: plate | batch, each whitened with its own
+      # controls; fit_on: all (every plate's controls, as the reference's TVN_all) | train.
+      'tvn': ml_collections.ConfigDict({'enabled': False, 'domain': 'plate', 'fit_on': 'all'}),
   })
 
   c.split = ml_collections.ConfigDict({
