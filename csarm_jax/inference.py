@@ -3,7 +3,7 @@
     export(workdir, out)          # best checkpoint of a run -> out/{variables, inference.json}
     members = [load(path) for path in exports]    # one per fold: an ensemble
     images, wells = predict_store(members, open_store(path))
-    write_embeddings(load_any(run_or_export), open_store(images), out)   # a feature store
+    write_embeddings(load(path), open_store(images), out)   # a feature store of its features
 
 An export holds everything prediction needs and nothing of training: parameters and running BN
 averages, the normalisation statistics, class ids/names, channel names, the model's spec, the method
@@ -17,31 +17,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
 from typing import Any, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pandas as pd
 import flax.linen as nn
 
 from csarm_jax import methods, models
-from csarm_jax.data import normalization, plate_check, store_writer
+from csarm_jax.data import normalization, plate_check
 from csarm_jax.data.store import ImageStore
 from csarm_jax.evaluation import metrics as metrics_lib
+from csarm_jax.evaluation import embed as embed_lib
 from csarm_jax.evaluation import protocol
 from csarm_jax import parallel
-from csarm_jax.training import checkpoint
 from csarm_jax.training import workdir as workdir_lib
-from csarm_jax.training.experiment import make_optimizer
-from csarm_jax.training.state import abstract_state
 from csarm_jax.evaluation.step import compiled_eval_step
 
 FORMAT_VERSION = 1
-SPEC, CONFIG = workdir_lib.SPEC, workdir_lib.CONFIG
-NORMALIZATION, FOLD = 'normalization.json', 'fold.json'
+SPEC, CONFIG, NORMALIZATION = workdir_lib.SPEC, workdir_lib.CONFIG, workdir_lib.NORMALIZATION
 INFERENCE, VARIABLES = 'inference.json', 'variables'
 
 
@@ -60,14 +55,7 @@ class Predictor:
     return normalization.normalize(images, self.norm)
 
 
-def _read_json(path: str) -> Any:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} is missing')
-  with open(path) as f:
-    return json.load(f)
-
-
-SELECTED = 'selected'
+_read_json, SELECTED = workdir_lib.read_json, workdir_lib.SELECTED
 
 
 def export(workdir: str, out: str, which: str = SELECTED) -> str:
@@ -76,38 +64,7 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   ``which``: 'selected' (default) -- the state the run itself evaluated: the best by validation loss
   if the run had validation plates, else the latest -- or 'best' / 'latest' explicitly.
   """
-  return write_export(out, *restore_run(workdir, which))
-
-
-def restore_run(workdir: str, which: str = SELECTED
-                ) -> tuple[dict[str, Any], dict[str, Any], normalization.NormStats, dict[str, Any]]:
-  """(variables, model spec, normalisation, provenance) of a run's checkpoint (see ``export``)."""
-  if which not in (SELECTED, checkpoint.BEST, checkpoint.LATEST):
-    raise ValueError(f'which must be selected, best or latest, got {which!r}')
-  if not workdir_lib.has_checkpoints(workdir):      # before orbax creates its folders there
-    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export (has the run '
-                            f'saved one yet?)')
-  spec = _read_json(os.path.join(workdir, SPEC))
-  config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, CONFIG)))
-  norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
-  model = models.from_spec(spec['model'])
-  tx = make_optimizer(config, total_steps=1)             # the state's structure, not its values
-  target = abstract_state(model, tx, models.example_input(model, spec['crop_size']),
-                          jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  ckpt = checkpoint.Checkpoints(workdir)
-  try:
-    fold = _read_json(os.path.join(workdir, FOLD))
-    prefer_best = which == checkpoint.BEST or (which == SELECTED and bool(fold.get('validation')))
-    restored = ckpt.restore_selected(target, prefer_best=prefer_best)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export')
-  state, _, meta, which = restored
-  provenance = {'workdir': os.path.abspath(workdir), 'checkpoint': which, 'step': int(state.step),
-                'best_val_loss': meta.get('best_val_loss'), 'fold': fold,
-                'config': config.to_dict()}
-  return {'params': state.params, 'batch_stats': state.batch_stats}, spec, norm, provenance
+  return write_export(out, *workdir_lib.restore_run(workdir, which))
 
 
 def write_export(out: str, variables: dict[str, Any], spec: dict[str, Any],
@@ -124,18 +81,6 @@ def write_export(out: str, variables: dict[str, Any], spec: dict[str, Any],
   with open(os.path.join(out, INFERENCE), 'w') as f:
     json.dump(info, f, indent=1)
   return out
-
-
-def load_run(workdir: str, which: str = SELECTED) -> Predictor:
-  """A run's checkpoint as a ``Predictor`` without writing an export."""
-  variables, spec, norm, _ = restore_run(workdir, which)
-  return Predictor(workdir, models.from_spec(spec['model']), variables, methods.get(spec['method']),
-                   norm, spec, protocol.Protocol.from_spec(spec))
-
-
-def load_any(path: str) -> Predictor:
-  """An export (it holds ``inference.json``) or else a training run's workdir."""
-  return load(path) if os.path.exists(os.path.join(path, INFERENCE)) else load_run(path)
 
 
 def load(path: str) -> Predictor:
@@ -233,52 +178,14 @@ def predict_plates(members: Sequence[Predictor], store: ImageStore,
   return frame, wells, checked.report
 
 
-def embed(member: Predictor, store: ImageStore, plates: Sequence[str] | None = None,
-          skip_bad: bool = True, chunk_size: int = 256
-          ) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
-  """(table rows, their penultimate features (N, F) float32, skip report) of every image of
-  ``plates`` (default: all), controls included, under the member's test-time rule applied to the
-  whole plate: running averages (ERM), or the statistics of the plate's images (with its controls
-  for methods that use them) streamed exactly, as whole-plate evaluation does."""
-  if not member.method.whole_plate:
-    raise ValueError(f'{member.path}: {member.method.name} has no whole-plate statistics to embed '
-                     f'with (test-time adaptation or a context net); embed a run of a BatchNorm '
-                     f'method instead')
-  _check_compatible([member], store)
-  plates = sorted(store.table['Metadata_Plate'].unique()) if plates is None else list(plates)
-  checked = plate_check.check_parts(store, {'predict': (plates, member.method.eval_controls)},
-                                    require_labels=False, skip_bad=skip_bad,
-                                    hint='skip_bad=True (embed.py: no --noskip_bad) skips them')
-  mesh = parallel.make_mesh()
-  run = types.SimpleNamespace(store=checked.store, model=member.model, method=member.method,
-                              norm=member.norm, mesh=mesh)     # what whole-plate evaluation reads
-  rule = dataclasses.replace(member.protocol, require_labels=False, chunk_size=chunk_size)
-  variables = jax.device_put(member.variables, parallel.replicated(mesh))
-  frame = protocol.whole_plate_predictions(run, variables, checked.parts['predict'], rule,
-                                           with_features=True).sort_values('row')
-  features = frame.filter(regex=r'^feature_\d+$').to_numpy(np.float32)
-  if not np.isfinite(features).all():
-    raise FloatingPointError(f'{member.path}: features of {store.path} are NaN or inf')
-  return frame[list(store.table.columns)].reset_index(drop=True), features, checked.report
-
 
 def write_embeddings(member: Predictor, store: ImageStore, out: str,
                      plates: Sequence[str] | None = None, skip_bad: bool = True,
                      overwrite: bool = False) -> dict[str, Any]:
-  """Writes ``embed``'s features as a feature store at ``out`` (the store format, kind features:
-  the image store's table rows renumbered 0..N-1, each image's row there kept as ``image_row``;
-  the manifest last); returns the skip report."""
-  table, features, report = embed(member, store, plates, skip_bad)
-  table = table.assign(image_row=table['row'], row=np.arange(len(table)))
-  array = store_writer.create_array(out, len(table), (features.shape[1],), 'float32',
-                                    shard_items=4096, delete_existing=overwrite)
-  array.write(features).result()
-  created_by = {'tool': 'csarm_jax.inference.write_embeddings', 'model': os.path.abspath(
-      member.path), 'method': member.method.name, 'images': store.path,
-                'statistics': 'whole plate', 'skipped': report}
-  manifest = store_writer.make_manifest(
-      [f'feature_{i}' for i in range(features.shape[1])], 'float32', (features.shape[1],),
-      len(table), [(c['id'], c['name']) for c in store.manifest['classes']],
-      store.manifest['control_id'], created_by)
-  store_writer.write_metadata(out, table, manifest)
-  return report
+  """``evaluation.embed.write_embeddings`` of an export (``training.embeddings.embed_run``: of a
+  run's workdir)."""
+  _check_compatible([member], store)
+  variables = jax.device_put(member.variables, parallel.replicated(parallel.make_mesh()))
+  return embed_lib.write_embeddings(out, member.model, variables, member.method, member.norm,
+                                    member.protocol, store, member.path, plates, skip_bad,
+                                    overwrite)

@@ -7,10 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from csarm_jax import adaptation, inference
+from csarm_jax import adaptation, models
 from csarm_jax.data import normalization, open_store
 from csarm_jax.data.store import ID_COLUMNS
-from csarm_jax.training import ConfigError, experiment, loop
+from csarm_jax.training import ConfigError, embeddings, experiment, loop
+from csarm_jax.training.workdir import restore_run
 from run_fixture import tiny_config, write_run_store
 from store_fixture import write_store
 
@@ -32,19 +33,19 @@ def trained(request, store_path, tmp_path_factory):
 def _direct_features(workdir, store, plate, crop):
   """Penultimate features of one plate's images, computed here: centre crops, the run's
   normalisation, then running averages (ERM) or one pass of the whole plate (CS-ARM-BN)."""
-  member = inference.load_run(workdir)
+  variables, spec, _, _ = restore_run(workdir)
+  model = models.from_spec(spec['model'])
   table = store.table[store.table['Metadata_Plate'] == plate]
   rows = table['row'].to_numpy()
   off = (store.item_shape[0] - crop) // 2
   x = normalization.normalize(store.read(rows)[:, off:off + crop, off:off + crop],
                               normalization.NormStats.load(os.path.join(workdir,
                                                                         'normalization.json')))
-  if member.method.name == 'erm':
-    _, features = member.model.apply(member.variables, x, norm='running', return_features=True)
+  if spec['method'] == 'erm':
+    _, features = model.apply(variables, x, norm='running', return_features=True)
   else:
-    stats = adaptation.adapt(member.model, member.variables, x)   # perturbed + controls
-    _, features = adaptation.predict(member.model, member.variables, stats, x,
-                                     return_features=True)
+    stats = adaptation.adapt(model, variables, x)   # perturbed + controls
+    _, features = adaptation.predict(model, variables, stats, x, return_features=True)
   return rows, np.asarray(features)
 
 
@@ -58,7 +59,7 @@ def test_embed_writes_a_feature_store_of_the_models_features(trained, store_path
                           timeout=300)
     assert done.returncode == 0, done.stderr
   else:
-    inference.write_embeddings(inference.load_run(workdir), open_store(store_path), out)
+    embeddings.embed_run(workdir, store_path, out)
   images, features = open_store(store_path), open_store(out)
   assert features.kind == 'features' and features.item_shape == (8,)   # the CNN's width
   want = images.table.sort_values('row').reset_index(drop=True)
@@ -78,9 +79,9 @@ def test_linear_classifier_on_tvn_embeddings_trains_and_evaluates(trained, store
   method, workdir = trained
   if method != 'erm':
     pytest.skip('one featurizer suffices')
-  out = str(tmp_path / 'embeddings')
-  inference.write_embeddings(inference.load_run(workdir), open_store(store_path), out)
+  out = str(tmp_path / 'embeddings')         # built on first use by config.features.from_run
   config = tiny_config(out, 'erm')
+  config.features.from_run = workdir
   config.model.name, config.model.options = 'linear', {}
   config.data.tvn.update(enabled=True, domain='plate', fit_on='train')
   run = str(tmp_path / 'run')
@@ -92,6 +93,7 @@ def test_linear_classifier_on_tvn_embeddings_trains_and_evaluates(trained, store
   assert exp.store.kind == 'features' and x.shape[1] == exp.model.in_features
   np.testing.assert_allclose(x.mean(0), 0, atol=1e-4)        # TVN's final standardisation
   np.testing.assert_allclose(x.std(0), 1, atol=1e-3)
+  assert open_store(out).manifest['created_by']['model'] == os.path.abspath(workdir)
   result = loop.train_and_evaluate(config, run)
   test = result['evaluations']['test.chunks']
   assert test['num_images'] > 0 and 0 <= test['accuracy'] <= 1

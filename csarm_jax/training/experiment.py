@@ -192,6 +192,9 @@ def make_run_folds(config: ml_collections.ConfigDict, store: ImageStore) -> list
 
 
 def open_run_store(config: ml_collections.ConfigDict) -> ImageStore:
+  if (config.get('features') or {}).get('from_run'):
+    from csarm_jax.training import embeddings     # embeds the run's images on first use
+    embeddings.ensure(config)
   if config.synthetic.preset:
     from csarm_jax.data import synthetic      # builds the benchmark on first use
     def build() -> str:   # multi-host: on process 0, so config.store must be a path all can read

@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
       'tvn': ml_collections.ConfigDict({'enabled': False, 'domain': 'plate', 'fit_on': 'all'}),
   })
 
+  # Embeddings built on first use: if config.store is missing, the model of the finished run
+  # from_run embeds `images` (default: that run's store) into it (csarm_jax.training.embeddings).
+  c.features = ml_collections.ConfigDict({'from_run': config_dict.placeholder(str),
+                                          'images': config_dict.placeholder(str)})
   c.split = ml_collections.ConfigDict({
       'kind': 'source',             # source (leave-one-source-out) | batch | plate (k-fold)
       'num_folds': config_dict.placeholder(int),
