@@ -118,3 +118,14 @@ def test_tvn_needs_a_feature_store(store_path, tmp_path):
   with pytest.raises(ConfigError, match='config.data.tvn.enabled: TVN normalises embeddings'):
     experiment.build(config, str(tmp_path))
 
+
+
+def test_embeddings_config_is_a_tvn_classifier_on_a_runs_embeddings():
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  from configs import embeddings as embeddings_config
+  for variant, model in ((None, 'linear'), ('mlp', 'mlp')):
+    c = embeddings_config.get_config(variant)
+    assert (c.method, c.model.name, c.synthetic.preset) == ('erm', model, None)
+    assert c.data.tvn.enabled and (c.data.tvn.domain, c.data.tvn.fit_on) == ('plate', 'all')
+    assert (c.features.from_run, c.store) == ('runs/qs_erm', 'data/quickstart_embeddings')
+    models.create(c.model.name, 8, in_features=16, **c.model.options)
