@@ -66,7 +66,7 @@ def test_matches_numpy_sklearn_oracle(fit_domains):
   assert got.shape == (len(x), K) and got.dtype == np.float32
   # A principal component's sign is arbitrary: align each column's before comparing.
   signs = np.sign(np.sum(got * want, axis=0))
-  np.testing.assert_allclose(got * signs, want, atol=2e-3)
+  np.testing.assert_allclose(got * signs, want, atol=2e-4)
 
 
 def test_component_signs_follow_svd_flip():
