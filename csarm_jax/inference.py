@@ -3,12 +3,14 @@
     export(workdir, out)          # best checkpoint of a run -> out/{variables, inference.json}
     members = [load(path) for path in exports]    # one per fold: an ensemble
     images, wells = predict_store(members, open_store(path))
+    write_embeddings(load(path), open_store(images), out)   # a feature store of its features
 
 An export holds everything prediction needs and nothing of training: parameters and running BN
 averages, the normalisation statistics, class ids/names, channel names, the model's spec, the method
 and its evaluation protocol (context size, controls per context, seed). Prediction applies exactly
 the training-time preprocessing (centre crop, the fold's normalisation) and test-time rule: each
-plate is adapted with its own controls, in contexts of the same shape as evaluation.
+plate is adapted with its own controls, in contexts of the same shape as evaluation. Embedding
+writes every image's penultimate features (controls too) under the whole-plate form of that rule.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import os
 from typing import Any, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pandas as pd
@@ -28,17 +29,14 @@ from csarm_jax import methods, models
 from csarm_jax.data import normalization, plate_check
 from csarm_jax.data.store import ImageStore
 from csarm_jax.evaluation import metrics as metrics_lib
+from csarm_jax.evaluation import embed as embed_lib
 from csarm_jax.evaluation import protocol
 from csarm_jax import parallel
-from csarm_jax.training import checkpoint
 from csarm_jax.training import workdir as workdir_lib
-from csarm_jax.training.experiment import make_optimizer
-from csarm_jax.training.state import abstract_state
 from csarm_jax.evaluation.step import compiled_eval_step
 
 FORMAT_VERSION = 1
-SPEC, CONFIG = workdir_lib.SPEC, workdir_lib.CONFIG
-NORMALIZATION, FOLD = 'normalization.json', 'fold.json'
+SPEC, CONFIG, NORMALIZATION = workdir_lib.SPEC, workdir_lib.CONFIG, workdir_lib.NORMALIZATION
 INFERENCE, VARIABLES = 'inference.json', 'variables'
 
 
@@ -57,14 +55,7 @@ class Predictor:
     return normalization.normalize(images, self.norm)
 
 
-def _read_json(path: str) -> Any:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} is missing')
-  with open(path) as f:
-    return json.load(f)
-
-
-SELECTED = 'selected'
+_read_json, SELECTED = workdir_lib.read_json, workdir_lib.SELECTED
 
 
 def export(workdir: str, out: str, which: str = SELECTED) -> str:
@@ -73,33 +64,7 @@ def export(workdir: str, out: str, which: str = SELECTED) -> str:
   ``which``: 'selected' (default) -- the state the run itself evaluated: the best by validation loss
   if the run had validation plates, else the latest -- or 'best' / 'latest' explicitly.
   """
-  if which not in (SELECTED, checkpoint.BEST, checkpoint.LATEST):
-    raise ValueError(f'which must be selected, best or latest, got {which!r}')
-  if not workdir_lib.has_checkpoints(workdir):      # before orbax creates its folders there
-    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export (has the run '
-                            f'saved one yet?)')
-  spec = _read_json(os.path.join(workdir, SPEC))
-  config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, CONFIG)))
-  norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
-  model = models.from_spec(spec['model'])
-  tx = make_optimizer(config, total_steps=1)             # the state's structure, not its values
-  target = abstract_state(model, tx, models.example_input(model, spec['crop_size']),
-                          jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  ckpt = checkpoint.Checkpoints(workdir)
-  try:
-    fold = _read_json(os.path.join(workdir, FOLD))
-    prefer_best = which == checkpoint.BEST or (which == SELECTED and bool(fold.get('validation')))
-    restored = ckpt.restore_selected(target, prefer_best=prefer_best)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export')
-  state, _, meta, which = restored
-  provenance = {'workdir': os.path.abspath(workdir), 'checkpoint': which, 'step': int(state.step),
-                'best_val_loss': meta.get('best_val_loss'), 'fold': fold,
-                'config': config.to_dict()}
-  return write_export(out, {'params': state.params, 'batch_stats': state.batch_stats}, spec, norm,
-                      provenance)
+  return write_export(out, *workdir_lib.restore_run(workdir, which))
 
 
 def write_export(out: str, variables: dict[str, Any], spec: dict[str, Any],
@@ -211,3 +176,16 @@ def predict_plates(members: Sequence[Predictor], store: ImageStore,
   wells = metrics_lib.well_predictions(frame, num_classes)
   wells['pred_name'] = [spec['classes'][k]['name'] for k in wells['pred']]
   return frame, wells, checked.report
+
+
+
+def write_embeddings(member: Predictor, store: ImageStore, out: str,
+                     plates: Sequence[str] | None = None, skip_bad: bool = True,
+                     overwrite: bool = False) -> dict[str, Any]:
+  """``evaluation.embed.write_embeddings`` of an export (``training.embeddings.embed_run``: of a
+  run's workdir)."""
+  _check_compatible([member], store)
+  variables = jax.device_put(member.variables, parallel.replicated(parallel.make_mesh()))
+  return embed_lib.write_embeddings(out, member.model, variables, member.method, member.norm,
+                                    member.protocol, store, member.path, plates, skip_bad,
+                                    overwrite)

@@ -13,6 +13,7 @@ passed explicitly; a test-time sweep is a ``dataclasses.replace``d protocol.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterable
 
 import numpy as np
@@ -156,16 +157,19 @@ def run_plates(run, variables, batches: Iterable[dict[str, np.ndarray]], plates_
   return frame, loss_sum, labelled
 
 
-def whole_plate_predictions(run, variables, plates, protocol: Protocol) -> pd.DataFrame:
+def whole_plate_predictions(run, variables, plates, protocol: Protocol,
+                            with_features: bool = False) -> pd.DataFrame:
   """Each plate normalised as ``run.method`` rules for a whole test set (its statistics streamed
-  exactly, or running averages), then every perturbed image predicted."""
+  exactly, or running averages), then every perturbed image predicted; ``with_features``: every
+  image, controls too, with its penultimate features (``feature_<i>`` columns)."""
   method, model, store = run.method, run.model, run.store
   plan = pipeline.whole_plates(store, plates, chunk_size=protocol.chunk_size,
                                require_controls=method.eval_controls,
                                require_labels=protocol.require_labels)
-  logits_of = jax.jit(method.test_logits, static_argnums=0)
+  logits_of = jax.jit(functools.partial(method.test_logits, return_features=with_features),
+                      static_argnums=0)
   constants = normalization.device_constants(run.norm)   # unjitted, as ever: the same numbers
-  rows, logits, ids = [], [], []
+  rows, logits, ids, features = [], [], [], []
   for i in range(len(plan.plates)):
     chunks = [c for c in plan.contexts if c.plate == i]
 
@@ -176,13 +180,16 @@ def whole_plate_predictions(run, variables, plates, protocol: Protocol) -> pd.Da
     stats = method.test_statistics(model, variables, lambda: (
         (x, b['mask'], b['is_control']) for b, x in read()))
     for b, x in read():
-      keep = (b['mask'] > 0) & ~b['is_control']
+      keep = (b['mask'] > 0) & (~b['is_control'] | with_features)
       rows.append(b['rows'][keep])
       on_mesh = jax.device_put((stats, x), parallel.replicated(run.mesh))   # where variables are
-      logits.append(jax.device_get(logits_of(model, variables, *on_mesh))[keep])
+      out = jax.device_get(logits_of(model, variables, *on_mesh))
+      logits.append((out[0] if with_features else out)[keep])
+      features.append(out[1][keep] if with_features else None)
       ids.append(np.full(int(keep.sum()), i))
   return predictions_frame(store, np.concatenate(rows), np.concatenate(logits),
-                           np.concatenate(ids))
+                           np.concatenate(ids),
+                           np.concatenate(features) if with_features else None)
 
 
 def evaluate(run, eval_step, variables, plates, protocol: Protocol, mode: str = 'chunks',

@@ -108,11 +108,12 @@ class Method:
     return adaptation.plate_statistics(model, variables, chunks=weighted)
 
   def test_logits(self, model: nn.Module, variables: dict[str, Any], stats: Any,
-                  x: jax.Array) -> jax.Array:
-    """Logits of test images ``x`` normalised with ``test_statistics``' value."""
+                  x: jax.Array, **kwargs) -> Any:
+    """Logits of test images ``x`` normalised with ``test_statistics``' value (``kwargs`` go to
+    the model, e.g. ``return_features=True``)."""
     if self.eval_norm == RUNNING:
-      return model.apply(variables, x, norm=RUNNING)
-    return adaptation.predict(model, variables, stats, x)
+      return model.apply(variables, x, norm=RUNNING, **kwargs)
+    return adaptation.predict(model, variables, stats, x, **kwargs)
 
 
 def labelled_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ...]:

@@ -24,10 +24,16 @@ def _arm_cml(num_classes: int, backbone: str = 'resnet50', in_channels: int = 5,
                 dtype)
 
 
+def _linear(num_classes: int, **options: Any) -> MLP:
+  """A linear classifier on feature vectors: the MLP without hidden layers."""
+  return MLP(num_classes=num_classes, num_layers=0, **options)
+
+
 _IMAGE_MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50, 'cnn': CNN,
 }
-_MODELS: dict[str, Callable[..., nn.Module]] = {**_IMAGE_MODELS, 'mlp': MLP, 'arm_cml': _arm_cml}
+_MODELS: dict[str, Callable[..., nn.Module]] = {**_IMAGE_MODELS, 'mlp': MLP, 'linear': _linear,
+                                                'arm_cml': _arm_cml}
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -40,8 +46,9 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
 
   Image models take ``in_channels`` (default 5), ResNets also ``width``, ``downsample``
   ('avgpool' | 'strided'), ``zero_init_last_bn`` and ``head_pool`` ('global' | 'reference');
-  the MLP needs ``in_features``; ``arm_cml`` takes ``backbone`` (an image model's name),
-  ``context_channels``, ``context_hidden``, ``context_kernel`` and the backbone's options.
+  the MLP needs ``in_features`` (``linear``: the MLP without hidden layers); ``arm_cml`` takes
+  ``backbone`` (an image model's name), ``context_channels``, ``context_hidden``,
+  ``context_kernel`` and the backbone's options.
   """
   if name not in _MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(_MODELS)}')

@@ -23,6 +23,7 @@ from csarm_jax.data import normalization, plate_check, splits
 from csarm_jax.data.contexts import TOO_FEW
 from csarm_jax.data.store import ImageStore, StoreError, open_store
 from csarm_jax.evaluation.protocol import Protocol
+from csarm_jax.features import store_tvn
 from csarm_jax.methods import Method
 from csarm_jax import parallel
 from csarm_jax.training.step import check_microbatch
@@ -227,6 +228,9 @@ def build_synthetic(config: ml_collections.ConfigDict) -> None:
 
 
 def open_run_store(config: ml_collections.ConfigDict) -> ImageStore:
+  if (config.get('features') or {}).get('from_run'):
+    from csarm_jax.training import embeddings     # embeds the run's images on first use
+    embeddings.ensure(config)
   if config.synthetic.preset:
     def build() -> str:   # multi-host: on process 0, so config.store must be a path all can read
       build_synthetic(config)
@@ -308,6 +312,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
       store, fold, method, skip_bad=config.data.skip_bad_plates,
       hint='set config.data.skip_bad_plates=true to skip them')
   _require(len(fold.test) > 0, 'split', f'fold {fold.name} has no test plates')
+  store = feature_tvn(config, store, fold)
   mesh = parallel.make_mesh()
   for field in ('data.contexts_per_step', 'eval.contexts_per_step'):
     section, key = field.split('.')
@@ -336,6 +341,33 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   return Experiment(config, store, fold, norm, model, method, make_optimizer(config, total_steps),
                     mesh, steps_per_epoch, total_steps, Protocol.from_config(config, store.kind),
                     skipped)
+
+
+TVN_FIT_ON = ('all', 'train')
+
+
+def feature_tvn(config: ml_collections.ConfigDict, store: ImageStore,
+                fold: splits.Fold) -> ImageStore:
+  """The store as the run sees it: with ``config.data.tvn.enabled``, the TVN of its feature
+  vectors over the fold's plates (``features.store_tvn``), fitted on all their controls or the
+  training plates' (``fit_on``), each plate or batch whitened with its own (``domain``)."""
+  t = config.data.get('tvn')
+  if not t or not t.enabled:
+    return store
+  _require(store.kind == 'features', 'data.tvn.enabled',
+           f'TVN normalises embeddings, {config.store} holds {store.kind} (embed it first: '
+           f'experiments/embed.py)')
+  _require(t.domain in store_tvn.DOMAINS, 'data.tvn.domain',
+           f'must be one of {sorted(store_tvn.DOMAINS)}, got {t.domain!r}')
+  _require(t.fit_on in TVN_FIT_ON, 'data.tvn.fit_on',
+           f'must be one of {TVN_FIT_ON}, got {t.fit_on!r}')
+  plates = [p for part in ('train', 'validation', 'test', 'in_domain', 'unseen_batches')
+            for p in getattr(fold, part)]
+  try:
+    return store_tvn.tvn_store(store, plates, plates if t.fit_on == 'all' else fold.train,
+                               fold.train, domain=t.domain)
+  except ValueError as e:
+    raise ConfigError(f'config.data.tvn: {e}') from None
 
 
 def _adaptation_run(config, store, fold, method, mesh, skipped) -> Experiment:

@@ -14,10 +14,18 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
-from csarm_jax import nested
-from csarm_jax.training.experiment import ConfigError
+import jax
+import ml_collections
+
+from csarm_jax import models, nested
+from csarm_jax.data import normalization
+from csarm_jax.training import checkpoint
+from csarm_jax.training.experiment import ConfigError, make_optimizer
+from csarm_jax.training.state import abstract_state
 
 SPEC, CONFIG = 'model.json', 'config.json'
+NORMALIZATION, FOLD = 'normalization.json', 'fold.json'
+SELECTED = 'selected'        # the state a run evaluated: best by validation loss, else latest
 # Spec fields that may change on resume: the evaluation protocol (re-scoring a trained model).
 MUTABLE_SPEC = ('eval.',)
 # Config fields, beyond the spec, that fix the checkpointed state's structure.
@@ -85,3 +93,42 @@ def removed_on_failure(workdir: str) -> Iterator[None]:
     if not existed:
       shutil.rmtree(workdir, ignore_errors=True)
     raise
+
+
+def read_json(path: str) -> Any:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} is missing')
+  with open(path) as f:
+    return json.load(f)
+
+
+def restore_run(workdir: str, which: str = SELECTED
+                ) -> tuple[dict[str, Any], dict[str, Any], normalization.NormStats, dict[str, Any]]:
+  """(variables, model spec, normalisation, provenance) of a run's checkpoint (``which``: see
+  ``inference.export``)."""
+  if which not in (SELECTED, checkpoint.BEST, checkpoint.LATEST):
+    raise ValueError(f'which must be selected, best or latest, got {which!r}')
+  if not has_checkpoints(workdir):      # before orbax creates its folders there
+    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export (has the run '
+                            f'saved one yet?)')
+  spec = read_json(os.path.join(workdir, SPEC))
+  config = ml_collections.ConfigDict(read_json(os.path.join(workdir, CONFIG)))
+  norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
+  model = models.from_spec(spec['model'])
+  tx = make_optimizer(config, total_steps=1)             # the state's structure, not its values
+  target = abstract_state(model, tx, models.example_input(model, spec['crop_size']),
+                          jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  ckpt = checkpoint.Checkpoints(workdir)
+  try:
+    fold = read_json(os.path.join(workdir, FOLD))
+    prefer_best = which == checkpoint.BEST or (which == SELECTED and bool(fold.get('validation')))
+    restored = ckpt.restore_selected(target, prefer_best=prefer_best)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export')
+  state, _, meta, which = restored
+  provenance = {'workdir': os.path.abspath(workdir), 'checkpoint': which, 'step': int(state.step),
+                'best_val_loss': meta.get('best_val_loss'), 'fold': fold,
+                'config': config.to_dict()}
+  return {'params': state.params, 'batch_stats': state.batch_stats}, spec, norm, provenance

@@ -53,8 +53,16 @@ def get_config() -> ml_collections.ConfigDict:
       'num_threads': 4,             # grain threads, each reading one batch (itself concurrent)
       'prefetch': 4,                # batches read ahead (>= num_threads: grain runs at most this
                                     # many threads; 0: read in the training thread)
+      # Feature stores of embeddings: TVN over the fold's plates before training and evaluation
+      # (csarm_jax.features.store_tvn); domain: plate | batch, each whitened with its own
+      # controls; fit_on: all (every plate's controls, as the reference's TVN_all) | train.
+      'tvn': ml_collections.ConfigDict({'enabled': False, 'domain': 'plate', 'fit_on': 'all'}),
   })
 
+  # Embeddings built on first use: if config.store is missing, the model of the finished run
+  # from_run embeds `images` (default: that run's store) into it (csarm_jax.training.embeddings).
+  c.features = ml_collections.ConfigDict({'from_run': config_dict.placeholder(str),
+                                          'images': config_dict.placeholder(str)})
   c.split = ml_collections.ConfigDict({
       'kind': 'source',             # source (leave-one-source-out) | batch | plate (k-fold)
       'num_folds': config_dict.placeholder(int),
