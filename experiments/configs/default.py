@@ -12,7 +12,8 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | cs_arm_bn | ben |
-                                    # arm_cml | cs_arm_cml | tent | deyo | roid (see c.tta)
+                                    # arm_cml | cs_arm_cml | tent | deyo | roid (see c.tta) |
+                                    # dann | coral (see c.domain)
   # Method fields a run may change. statistics_gradient: whether training gradients flow through
   # the context's BatchNorm statistics (False: constants, the reference's BEN; see jump_reference).
   c.method_options = ml_collections.ConfigDict({'statistics_gradient': True})
@@ -103,6 +104,19 @@ def get_config() -> ml_collections.ConfigDict:
       'settings': {},               # overrides of csarm_jax.tta's defaults, e.g. {'steps': 2}
   })
 
+  # Domain adaptation (methods dann | coral): what a domain is, how training contexts cover the
+  # domains, and whether the held-out plates' images join training unlabelled (label -1, domain
+  # loss and statistics only: transductive, as the reference) or not (training domains only).
+  c.domain = ml_collections.ConfigDict({
+      'by': 'plate',                # plate | batch | source; counted from the run's plates
+      'transductive': True,
+      'domains_per_context': 4,     # domains per training context, an equal share of N each
+      'num_unlabelled': config_dict.placeholder(int),   # held-out images per context
+                                                        # (None: data.num_perturbed)
+      'settings': {},               # overrides of methods/domain.py's defaults, e.g.
+                                    # {'schedule': 'ganin'} or {'weight': 1.0}
+  })
+
   c.distributed = ml_collections.ConfigDict({
       'enabled': False,             # or CSARM_DISTRIBUTED=1; arguments None = auto-detect
       'coordinator_address': config_dict.placeholder(str),
@@ -115,7 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
 # The paper's within-source settings on JUMP (the reference's default data config, source_3 only):
 # 5 folds of whole batches or plates, validation on 15 % of the training plates.
 WITHIN_SOURCE = {'new_batches': 'batch', 'new_plates': 'plate'}
-ERM_STYLE = ('erm', 'adabn', 'adabn_controls')
+ERM_STYLE = ('erm', 'adabn', 'adabn_controls', 'dann', 'coral')
 
 
 def jump_reference(c: ml_collections.ConfigDict, setting: str | None = None
