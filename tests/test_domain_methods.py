@@ -74,7 +74,7 @@ def _domain_model():
   return model, models.init_variables(model, jax.random.key(1), x), x
 
 
-@pytest.mark.parametrize('scale', [1.0, 0.3])
+@pytest.mark.parametrize('scale', [0.3])
 def test_gradient_reversal_negates_the_featurizers_gradient(scale):
   model, variables, x = _domain_model()
   domain, mask = jnp.arange(10) % 4, jnp.ones(10)
