@@ -65,8 +65,9 @@ def coral_penalty(features: jax.Array, domain: jax.Array, mask: jax.Array,
                   min_group: int = 2) -> jax.Array:
   """Mean over pairs of domain groups of mean((mu_i - mu_j)^2) + mean((C_i - C_j)^2).
 
-  Groups: the distinct domain ids of real rows (at most one per row); a group with fewer than ``min_group`` rows is left out; 0 when fewer than two groups remain. Covariances
-  are unbiased. <C_i, C_j> = sum over rows r of i, s of j of ((x_r - mu_i) . (x_s - mu_j))^2 /
+  Groups: the distinct domain ids of real rows (at most one per row); a group with fewer than
+  ``min_group`` rows is left out; 0 when fewer than two groups remain. Covariances are unbiased;
+  <C_i, C_j> = sum over rows r of i, s of j of ((x_r - mu_i) . (x_s - mu_j))^2 /
   ((n_i - 1)(n_j - 1)), so no F x F covariance is formed (F = 2048 for ResNet-50).
   """
   x = features.astype(jnp.float32)

@@ -327,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   final = {'method': exp.method.name, 'fold': exp.fold.name, 'seed': config.seed,
            'best_step': meta['best_step'], 'stopped_early': meta['stopped_early'],
            'evaluated_step': step, 'skipped': exp.skipped, 'evaluations': results}
-  if exp.domains is not None:               # which domain-adaptation mode ran (the study reports it)
+  if exp.domains is not None:       # which domain-adaptation mode ran (the study reports it)
     final['domain'] = spec['domain']
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:

@@ -139,10 +139,11 @@ def jump_reference(c: ml_collections.ConfigDict, setting: str | None = None
 
   - every BatchNorm scale starts at 1 (the reference has no zero-init of the last BN), and the
     head pools as the reference's (border rows of the 8x8 map weigh less at 256 px);
-  - ERM-style methods: one optimizer update per batch of N = 64 mixed images, BatchNorm over that
-    batch (contexts_per_step=1; on D > 1 devices use D, i.e. D batches of 64 per update), with the
-    released script's trainer settings, which are the defaults (Adam 1e-3, no schedule, early
-    stopping with patience 20, at most 200 epochs);
+  - ERM-style methods (and DANN / Deep CORAL, which the reference trains as ERM): one optimizer
+    update per batch of N = 64 mixed images, BatchNorm over that batch (contexts_per_step=1; on
+    D > 1 devices use D, i.e. D batches of 64 per update), with the released script's trainer
+    settings, which are the defaults (Adam 1e-3, no schedule, early stopping with patience 20, at
+    most 200 epochs);
   - BEN: the control statistics carry no gradient.
 
   setting: None or 'cross_source' -- leave-one-source-out S3 <-> S8 (the released script);
