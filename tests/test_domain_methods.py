@@ -191,6 +191,9 @@ def test_config_errors_name_the_domain_field(store_path, tmp_path):
   c.domain.settings = {'schedule': 'linear'}
   with pytest.raises(experiment.ConfigError, match="config.domain.settings: schedule"):
     experiment.check_config(c)
+  c.domain.settings = {'weigth': 1.0}
+  with pytest.raises(experiment.ConfigError, match=r"settings: dann: unknown settings \['weigth'\]"):
+    experiment.check_config(c)
   c = _tiny(store_path, 'dann')
   c.domain.by = 'well'
   with pytest.raises(experiment.ConfigError, match='config.domain.by'):

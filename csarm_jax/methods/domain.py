@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from csarm_jax import tta
 from csarm_jax.methods.base import Method
 from csarm_jax.nn import RUNNING
 
@@ -98,6 +99,7 @@ class DANN:
   head_hidden: int = 64              # the domain classifier: Dense(hidden) -> ReLU, head_layers
   head_layers: int = 2               # times, then Dense(domains), as the reference's MLP
   head_learning_rate: float = 1e-4   # its learning rate (the featurizer's: config.optimizer)
+  name = 'dann'
   head = True                        # the model gains a domain classifier
 
   def __post_init__(self):
@@ -115,6 +117,7 @@ class DANN:
 class CORAL:
   weight: float = 0.1                # the penalty's weight (the reference's)
   min_group: int = 2                 # rows a domain needs in a context to enter the penalty
+  name = 'coral'
   head = False
 
   def __post_init__(self):
@@ -128,13 +131,8 @@ class CORAL:
     return self.weight * coral_penalty(features, domain, mask, self.min_group)
 
 
-def with_overrides(objective: Any, **settings: Any) -> Any:
-  """``objective`` with fields replaced (``config.domain.settings``); unknown names raise."""
-  names = {f.name for f in dataclasses.fields(objective)}
-  unknown = sorted(set(settings) - names)
-  if unknown:
-    raise ValueError(f'unknown setting {unknown[0]!r}; choose from {sorted(names)}')
-  return dataclasses.replace(objective, **settings)
+# config.domain.settings replace fields as config.tta.settings do (unknown names raise)
+with_overrides = tta.with_overrides
 
 
 DANN_METHOD, CORAL_METHOD = (
