@@ -6,9 +6,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
-from csarm_jax import methods, models
+from csarm_jax import inference, methods, models
+from csarm_jax.study import runner as study
 from csarm_jax.data import domains as domain_lib, open_store
 from csarm_jax.data.contexts import index_plates
 from csarm_jax.methods.domain import (DANN, coral_penalty, domain_cross_entropy, ganin_lambda,
@@ -105,6 +107,11 @@ def test_gradient_reversal_negates_the_featurizers_gradient(scale):
   np.testing.assert_allclose(weighted['backbone']['conv0']['kernel'],
                              -0.5 * plain['backbone']['conv0']['kernel'], rtol=1e-5, atol=1e-8)
   assert not np.any(weighted['backbone']['head']['kernel'])
+
+
+def test_dann_and_coral_train_their_own_models_in_the_study():
+  groups = study.training_groups(['erm', 'adabn', 'dann', 'coral'])
+  assert groups == {'erm': ['erm', 'adabn'], 'dann': ['dann'], 'coral': ['coral']}
 
 
 def test_ganin_schedule():
@@ -215,4 +222,13 @@ def test_a_tiny_run_trains_and_evaluates_like_erm(store_path, tmp_path, method, 
   assert domain_losses and np.all(np.isfinite(domain_losses)) and max(domain_losses) > 0
   for name, result in results['evaluations'].items():
     assert np.isfinite(result['loss']) and 0 <= result['accuracy'] <= 1, name
-  assert os.path.exists(tmp_path / 'eval' / 'test.chunks.predictions.parquet')
+  evaluated = pd.read_parquet(tmp_path / 'eval' / 'test.chunks.predictions.parquet')
+  if method == 'dann':          # the export predicts as the evaluation did (the domain head unused)
+    member = inference.load(inference.export(str(tmp_path), str(tmp_path / 'export')))
+    assert 'domain_head' in member.variables['params']
+    fold = json.load(open(tmp_path / 'fold.json'))
+    images, _ = inference.predict_store([member], open_store(c.store), plates=fold['test'],
+                                        contexts_per_step=4)
+    merged = images.merge(evaluated, on='row', suffixes=('', '_eval'))
+    assert len(merged) == len(evaluated) == len(images)
+    np.testing.assert_allclose(merged['prob_0'], merged['prob_0_eval'], rtol=1e-5, atol=1e-6)
