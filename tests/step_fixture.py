@@ -27,17 +27,21 @@ def make_batch(num_contexts=4, perturbed=4, controls=2, seed=0, pad=1):
   mask[:, perturbed + controls:] = 0
   images = rng.integers(0, 256, (num_contexts, m, H, H, 5), dtype=np.uint8)
   images[:, perturbed + controls:] = 255          # padding content must not matter
+  domain = np.broadcast_to((np.arange(m) // 2) % 2, (num_contexts, m)).astype(np.int32)
+  domain = np.where(mask > 0, domain, -1)         # pairs of rows per domain (DANN, CORAL)
   return {'images': images, 'labels': labels, 'mask': mask, 'is_control': is_control,
           'plate': np.arange(num_contexts, dtype=np.int32),
-          'rows': np.arange(num_contexts * m).reshape(num_contexts, m)}
+          'rows': np.arange(num_contexts * m).reshape(num_contexts, m), 'domain': domain}
 
 
 def make(method='cs_arm_bn', tx=None, seed=0, dtype='float32', contexts_per_microbatch=None):
-  model = models.create('cnn', CLASSES, width=4, num_stages=2, dtype=dtype)
+  name, options = methods.get(method).model_choice(
+      'cnn', {'width': 4, 'num_stages': 2, 'dtype': dtype}, num_domains=2)
+  model = models.create(name, CLASSES, **options)
   tx = tx or optax.adam(1e-2)
   state = training.create_state(model, tx, jax.random.key(seed), jnp.zeros((2, H, H, 5)))
   step = training.make_train_step(model, methods.get(method), tx, preprocess,
-                                  contexts_per_microbatch)
+                                  contexts_per_microbatch, total_steps=10)
   return model, tx, state, step
 
 

@@ -68,11 +68,13 @@ class PlateIndex:
 @dataclass(frozen=True)
 class Context:
   """One context's index arrays, all of length M: store rows (-1: padding), class ids (-1: control
-  or padding), control flags; ``plate`` indexes ``PlateIndex.plates`` (-1: mixed or padding)."""
+  or padding), control flags; ``plate`` indexes ``PlateIndex.plates`` (-1: mixed or padding);
+  ``domain``: each row's domain id (-1: padding), for domain-adaptation methods only."""
   plate: int
   rows: np.ndarray
   labels: np.ndarray
   is_control: np.ndarray
+  domain: np.ndarray | None = None
 
   @property
   def num_real(self) -> int:

@@ -15,6 +15,7 @@ padding):
     is_control  (C, M) bool
     plate       (C,)   int32    index into ``Batches.plates``; -1 for mixed contexts and padding
     rows        (C, M) int64    store rows; -1 for padding
+    domain      (C, M) int32    domain id of each row, -1 for padding (sampling 'domains' only)
 
 Images stay integers: normalise on the accelerator with ``normalization.normalize``.
 
@@ -39,13 +40,14 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-from csarm_jax.data import augment
+from csarm_jax.data import augment, domains as domain_lib
 from csarm_jax.data.buffers import BufferPool
 from csarm_jax.data import contexts as ctx_lib
 from csarm_jax.data.contexts import Context
 
 Batch = dict[str, np.ndarray]
-SAMPLINGS = ('plate', 'mixed')   # how training contexts are drawn (Method.train_sampling)
+SAMPLINGS = ('plate', 'mixed', 'domains')   # how training contexts are drawn
+                                             # (Method.train_sampling)
 _ENDLESS = 2 ** 60            # the batches of an "endless" iterator
 
 
@@ -78,9 +80,12 @@ def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
   else:
     images = np.zeros((*rows.shape, *items.shape[1:]), items.dtype)
     images[real] = items
-  return {'images': images, 'labels': np.stack([c.labels for c in contexts]),
-          'mask': real.astype(np.float32), 'is_control': np.stack([c.is_control for c in contexts]),
-          'plate': np.array([c.plate for c in contexts], np.int32), 'rows': rows}
+  out = {'images': images, 'labels': np.stack([c.labels for c in contexts]),
+         'mask': real.astype(np.float32), 'is_control': np.stack([c.is_control for c in contexts]),
+         'plate': np.array([c.plate for c in contexts], np.int32), 'rows': rows}
+  if contexts[0].domain is not None:
+    out['domain'] = np.stack([c.domain for c in contexts])
+  return out
 
 
 class Batches:
@@ -165,19 +170,28 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                      crop_size: int | None = 256, flips: bool = True, sampling: str = 'plate',
                      too_few: str = 'replace', seed: int = 0, num_batches: int | None = None,
                      process_index: int = 0, process_count: int = 1, skip_bad: bool = False,
-                     num_threads: int = 2, prefetch_buffer_size: int | None = None) -> Batches:
+                     num_threads: int = 2, prefetch_buffer_size: int | None = None,
+                     domain_of: dict[str, int] | None = None,
+                     unlabelled_plates: Sequence[str] = (), num_unlabelled: int = 0,
+                     domains_per_context: int = 4) -> Batches:
   """Endless (or ``num_batches``) training batches of C = ``contexts_per_batch`` contexts.
 
   sampling 'plate': each context is one uniformly drawn plate's N perturbed + K controls (K = 0:
   ARM-BN); 'mixed' (ERM/AdaBN): N labelled images from any training plates, no controls (K must be
-  0). See ``contexts`` for sampling and bad-input rules.
+  0); 'domains' (DANN, Deep CORAL): N labelled images from ``domains_per_context`` domains, plus
+  ``num_unlabelled`` images of ``unlabelled_plates`` (labels -1), each row's domain id
+  (``domain_of``: plate -> id) in ``batch['domain']`` (see ``domains``). See ``contexts`` for
+  sampling and bad-input rules.
   """
   _check_sharding(contexts_per_batch, process_index, process_count)
   ctx_lib.check_too_few(too_few)           # at start, not when a short plate is first drawn
   if sampling not in SAMPLINGS:
     raise ValueError(f'sampling must be one of {SAMPLINGS}, got {sampling!r}')
-  if sampling == 'mixed' and num_controls:
-    raise ValueError(f"sampling 'mixed' draws no controls: set num_controls=0 (got {num_controls})")
+  if sampling != 'plate' and num_controls:
+    raise ValueError(f"sampling {sampling!r} draws no controls: set num_controls=0 (got "
+                     f"{num_controls})")
+  if sampling == 'domains' and domain_of is None:
+    raise ValueError("sampling 'domains' needs domain_of (plate -> domain id)")
   if num_perturbed < 1:
     raise ValueError(f'num_perturbed must be >= 1, got {num_perturbed}')
   index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids),
@@ -185,10 +199,14 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   if sampling == 'plate':
     too_few_plates = ctx_lib.too_few_report(index, num_perturbed, num_controls)
     sample = lambda rng: ctx_lib.training_context(index, rng, num_perturbed, num_controls, too_few)
-  else:
+  elif sampling == 'mixed':
     total = len(index.all_perturbed[0])
     too_few_plates = {'(all plates)': {'perturbed': total}} if total < num_perturbed else {}
     sample = lambda rng: ctx_lib.mixed_context(index, rng, num_perturbed, too_few)
+  else:
+    sample, too_few_plates = _domain_sampler(store, index, domain_of, unlabelled_plates,
+                                             num_perturbed, num_unlabelled, domains_per_context,
+                                             too_few, skip_bad)
   report = ctx_lib.index_report('training', index, too_few_plates, too_few,
                        num_perturbed_images=int(sum(len(r) for r in index.perturbed)))
 
@@ -203,10 +221,36 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   settings = dict(what='training', mode=sampling, N=num_perturbed, K=num_controls,
                   C=contexts_per_batch, crop=crop_size, flips=flips, too_few=too_few, seed=seed,
                   plates=list(index.plates))
+  if sampling == 'domains':       # only here, so that other methods' saved states still match
+    settings.update(domains=sorted(domain_of.items()), unlabelled=sorted(unlabelled_plates),
+                    U=num_unlabelled, D=domains_per_context)
   stop = num_batches if num_batches is not None else _ENDLESS
   build = lambda start: _local_batches(contexts_of, start, stop, contexts_per_batch, process_index,
                                        process_count, num_threads, prefetch_buffer_size)
   return Batches(build, num_batches, _fingerprint(settings), index.plates, report)
+
+
+def _domain_sampler(store, index, domain_of, unlabelled_plates, num_perturbed, num_unlabelled,
+                    domains_per_context, too_few, skip_bad):
+  """(context sampler, report of short domains) of sampling 'domains'."""
+  labelled = domain_lib.pools(index, domain_of, labelled=True)
+  unlabelled = ()
+  if num_unlabelled:
+    if not unlabelled_plates:
+      raise ValueError('num_unlabelled > 0 needs unlabelled_plates')
+    held_out = ctx_lib.index_plates(store.table, unlabelled_plates,
+                                    num_classes=len(store.class_ids), require_controls=False,
+                                    require_labels=False, skip_bad=skip_bad, part='unlabelled')
+    unlabelled = domain_lib.pools(held_out, domain_of, labelled=False)
+  short = {}
+  for what, group, n in (('labelled', labelled, num_perturbed),
+                         ('unlabelled', unlabelled, num_unlabelled)):
+    share = -(-n // max(1, min(domains_per_context, len(group))))
+    short.update({f'{what} domain {p.domain}': {'perturbed': len(p.rows)}
+                  for p in group if len(p.rows) < share})
+  sample = lambda rng: domain_lib.domain_context(labelled, unlabelled, rng, num_perturbed,
+                                                 num_unlabelled, domains_per_context, too_few)
+  return sample, short
 
 
 def evaluation_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,

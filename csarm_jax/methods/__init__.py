@@ -7,11 +7,12 @@ from csarm_jax.methods.arm_cml import ARM_CML, CS_ARM_CML
 from csarm_jax.methods.base import Method, labelled_cross_entropy
 from csarm_jax.methods.ben import BEN
 from csarm_jax.methods.cs_arm_bn import CS_ARM_BN
+from csarm_jax.methods.domain import CORAL_METHOD as CORAL, DANN_METHOD as DANN
 from csarm_jax.methods.erm import ERM
 from csarm_jax.methods.tta import DEYO, ROID, TENT, from_source
 
 METHODS = {m.name: m for m in (ERM, ADABN, ADABN_CONTROLS, ARM_BN, CS_ARM_BN, BEN, ARM_CML,
-                               CS_ARM_CML, TENT, DEYO, ROID)}
+                               CS_ARM_CML, TENT, DEYO, ROID, DANN, CORAL)}
 OPTIONS = {'statistics_gradient'}   # fields a config may set (config.method_options)
 
 

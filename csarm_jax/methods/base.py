@@ -24,6 +24,7 @@ STATISTICS_FROM = ('context', 'controls')
 class Method:
   name: str
   train_sampling: str             # 'plate': contexts of one plate | 'mixed': images of any plates
+                                  # | 'domains': several domains, a share each (DANN, CORAL)
   train_controls: bool            # training contexts carry the plate's DMSO controls
   eval_controls: bool             # test contexts carry the plate's DMSO controls
   running_stats: bool = False     # train running averages (ERM-style) ...
@@ -33,10 +34,14 @@ class Method:
                                     # (False: they are constants, as the reference's BEN)
   context_net: bool = False       # the model gains ARM-CML's context network (models.arm_cml)
   test_time: Any = None           # test-time adaptation settings (csarm_jax.tta); None: no updates
+  objective: Any = None           # an extra training loss on the features and domain ids
+                                  # (methods/domain.py: DANN, CORAL); None: cross-entropy alone
 
   def __post_init__(self):
-    if self.train_sampling not in ('plate', 'mixed'):
-      raise ValueError(f'{self.name}: train_sampling must be plate or mixed')
+    if self.train_sampling not in ('plate', 'mixed', 'domains'):
+      raise ValueError(f'{self.name}: train_sampling must be plate, mixed or domains')
+    if (self.objective is not None) != (self.train_sampling == 'domains'):
+      raise ValueError(f'{self.name}: a domain objective and domain contexts go together')
     if self.train_controls and self.train_sampling != 'plate':
       raise ValueError(f'{self.name}: controls belong to one plate, so need plate contexts')
     if self.eval_norm not in (CONTEXT, RUNNING) or (self.eval_norm == RUNNING
@@ -63,10 +68,17 @@ class Method:
     test-time adaptation learns from contexts and ARM-CML's context embedding is not streamed."""
     return self.trains and not self.context_net
 
-  def model_choice(self, name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The (registry name, options) of the model this method trains around ``name``."""
+  def model_choice(self, name: str, options: dict[str, Any],
+                   num_domains: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The (registry name, options) of the model this method trains around ``name``
+    (``num_domains``: the classes of DANN's domain classifier, counted from the data)."""
     if self.context_net:
       return 'arm_cml', {'backbone': name, **options}
+    if self.objective is not None and self.objective.head:
+      o = self.objective
+      return 'domain_head', {'backbone': name, 'num_domains': num_domains,
+                             'domain_hidden': o.head_hidden, 'domain_layers': o.head_layers,
+                             **options}
     return name, options
 
   def weights(self, mask: jax.Array, is_control: jax.Array) -> jax.Array:

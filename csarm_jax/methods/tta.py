@@ -25,5 +25,5 @@ def from_source(method: Method, source: Method, **settings: Any) -> Method:
   return dataclasses.replace(
       method, train_sampling=source.train_sampling, train_controls=source.train_controls,
       eval_controls=source.eval_controls, statistics_from=source.statistics_from,
-      context_net=source.context_net,
+      context_net=source.context_net, objective=source.objective,
       test_time=tta.with_overrides(method.test_time, **settings))

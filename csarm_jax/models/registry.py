@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from csarm_jax.models.arm_cml import ARMCML
+from csarm_jax.models.domain_head import WithDomainHead
 from csarm_jax.models.resnet import ResNet18, ResNet34, ResNet50
 from csarm_jax.models.small import CNN, MLP
 
@@ -29,11 +30,24 @@ def _linear(num_classes: int, **options: Any) -> MLP:
   return MLP(num_classes=num_classes, num_layers=0, **options)
 
 
+def _domain_head(num_classes: int, num_domains: int, backbone: str = 'resnet50',
+                 domain_hidden: int = 64, domain_layers: int = 2,
+                 **backbone_options: Any) -> WithDomainHead:
+  """Any model (``backbone``, with ``backbone_options``) plus DANN's domain classifier."""
+  if backbone not in _IMAGE_MODELS and backbone != 'mlp':
+    raise ValueError(f'domain_head wraps one of {sorted(_IMAGE_MODELS) + ["mlp"]}, '
+                     f'got {backbone!r}')
+  if not num_domains or num_domains < 2:
+    raise ValueError(f'a domain classifier needs >= 2 domains, got {num_domains}')
+  net = _MODELS[backbone](num_classes=num_classes, **backbone_options)
+  return WithDomainHead(net, num_domains, domain_hidden, domain_layers)
+
+
 _IMAGE_MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50, 'cnn': CNN,
 }
 _MODELS: dict[str, Callable[..., nn.Module]] = {**_IMAGE_MODELS, 'mlp': MLP, 'linear': _linear,
-                                                'arm_cml': _arm_cml}
+                                                'arm_cml': _arm_cml, 'domain_head': _domain_head}
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -48,7 +62,8 @@ def create(name: str, num_classes: int, **options: Any) -> nn.Module:
   ('avgpool' | 'strided'), ``zero_init_last_bn`` and ``head_pool`` ('global' | 'reference');
   the MLP needs ``in_features`` (``linear``: the MLP without hidden layers); ``arm_cml`` takes
   ``backbone`` (an image model's name), ``context_channels``, ``context_hidden``,
-  ``context_kernel`` and the backbone's options.
+  ``context_kernel`` and the backbone's options; ``domain_head`` (DANN) takes ``backbone``,
+  ``num_domains``, ``domain_hidden``, ``domain_layers`` and the backbone's options.
   """
   if name not in _MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(_MODELS)}')

@@ -50,7 +50,7 @@ class EvalSpec:
 def training_key(method: methods.Method) -> tuple:
   """Methods with equal keys train the same model."""
   return (method.train_sampling, method.train_controls, method.running_stats,
-          method.statistics_from)
+          method.statistics_from, method.objective)
 
 
 def training_groups(names: list[str]) -> dict[str, list[str]]:

@@ -19,12 +19,12 @@ from absl import logging
 from jax.sharding import Mesh
 
 from csarm_jax import methods, models, tta
-from csarm_jax.data import normalization, plate_check, splits
+from csarm_jax.data import domains as domain_lib, normalization, plate_check, splits
 from csarm_jax.data.contexts import TOO_FEW
 from csarm_jax.data.store import ImageStore, StoreError, open_store
 from csarm_jax.evaluation.protocol import Protocol
 from csarm_jax.features import store_tvn
-from csarm_jax.methods import Method
+from csarm_jax.methods import Method, domain as domain_methods
 from csarm_jax import parallel
 from csarm_jax.training.step import check_microbatch
 
@@ -48,6 +48,8 @@ class Experiment:
   protocol: Protocol               # how held-out plates are evaluated
   skipped: dict[str, Any] = dataclasses.field(default_factory=dict)   # plate_check's report
   source: dict[str, Any] | None = None   # test-time adaptation: the adapted run's model.json
+  domains: tuple[str, ...] | None = None  # DANN / CORAL: the run's domains (ids: positions)
+  unlabelled: tuple[str, ...] = ()        # ... and the held-out plates that train unlabelled
 
   def preprocess(self, images: jax.Array) -> jax.Array:
     """The one input transform of training, evaluation and prediction."""
@@ -99,8 +101,65 @@ def check_config(config: ml_collections.ConfigDict) -> Method:
     _tta_settings(method, config)
   _check_controls(method, config)
   _check_optimizer(config.optimizer)
+  if method.objective is not None:
+    method = _domain_method(method, config)
   _check_synthetic(config)
   return method
+
+
+def _domain_method(method: Method, config: ml_collections.ConfigDict) -> Method:
+  """DANN / CORAL with ``config.domain.settings`` applied, its sampling fields checked."""
+  d = config.domain
+  _require(d.by in domain_lib.COLUMNS, 'domain.by',
+           f'must be one of {sorted(domain_lib.COLUMNS)}, got {d.by!r}')
+  _require(d.domains_per_context >= 1, 'domain.domains_per_context',
+           f'must be >= 1, got {d.domains_per_context}')
+  _require(d.num_unlabelled is None or d.num_unlabelled >= 0, 'domain.num_unlabelled',
+           f'must be >= 0, got {d.num_unlabelled}')
+  try:
+    objective = domain_methods.with_overrides(method.objective, **dict(d.settings))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.domain.settings: {e}') from None
+  share = config.data.num_perturbed // d.domains_per_context
+  min_group = getattr(objective, 'min_group', 1)
+  _require(share >= min_group, 'domain.domains_per_context',
+           f'{config.data.num_perturbed} images per context (data.num_perturbed) over '
+           f'{d.domains_per_context} domains give {share} per domain; {method.name} needs '
+           f'>= {min_group} (min_group)')
+  return dataclasses.replace(method, objective=objective)
+
+
+def held_out_plates(fold: splits.Fold) -> tuple[str, ...]:
+  """Every plate a run evaluates: validation, test and the training sources' held-out parts."""
+  return fold.validation + fold.test + fold.in_domain + fold.unseen_batches
+
+
+def _domains(config: ml_collections.ConfigDict, store: ImageStore, fold: splits.Fold,
+             method: Method) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(the run's domains, the plates whose images join training unlabelled)."""
+  d = config.domain
+  unlabelled = held_out_plates(fold) if d.transductive else ()
+  names = domain_lib.domain_names(store.table, fold.train + unlabelled, d.by)
+  _require(len(names) >= 2, 'domain.by', f'{method.name} needs >= 2 domains; the run\'s plates '
+           f'({"training and held-out" if d.transductive else "training"}) have {len(names)} '
+           f'{d.by} value(s): {list(names)}')
+  return names, unlabelled
+
+
+def domain_sampling(exp: Experiment) -> dict[str, Any]:
+  """``pipeline.training_batches``' domain arguments for a DANN / CORAL run, else none."""
+  if exp.domains is None:
+    return {}
+  d = exp.config.domain
+  ids = {name: i for i, name in enumerate(exp.domains)}
+  plates = exp.fold.train + exp.unlabelled
+  domain_of = {p: ids[n] for p, n in
+               domain_lib.plate_domains(exp.store.table, plates, d.by).items()}
+  num_unlabelled = 0
+  if exp.unlabelled:
+    num_unlabelled = exp.config.data.num_perturbed if d.num_unlabelled is None else d.num_unlabelled
+  return {'domain_of': domain_of, 'unlabelled_plates': exp.unlabelled,
+          'num_unlabelled': num_unlabelled, 'domains_per_context': d.domains_per_context}
 
 
 def _check_synthetic(config: ml_collections.ConfigDict) -> None:
@@ -176,18 +235,33 @@ def _adapting(method: Method, config: ml_collections.ConfigDict) -> Method:
   return method
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   total_steps: int) -> optax.GradientTransformation:
-  """``config.optimizer``'s transformation; raises ConfigError on an unknown name or schedule."""
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                   head_learning_rate: float | None = None) -> optax.GradientTransformation:
+  """``config.optimizer``'s transformation; raises ConfigError on an unknown name or schedule.
+  ``head_learning_rate``: the parameters under ``domain_head`` (DANN) get this learning rate
+  (same optimizer and schedule shape)."""
   o = config.optimizer
   _check_optimizer(o)
-  lr: Any = o.learning_rate
-  if o.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps,
-                                            max(total_steps, 1), end_value=o.learning_rate * 1e-3)
-  elif o.warmup_steps:
-    lr = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
-  return OPTIMIZERS[o.name](lr, o)
+
+  def schedule(peak: float) -> Any:
+    if o.schedule == 'cosine':
+      return optax.warmup_cosine_decay_schedule(0.0, peak, o.warmup_steps, max(total_steps, 1),
+                                                end_value=peak * 1e-3)
+    return optax.linear_schedule(0.0, peak, o.warmup_steps) if o.warmup_steps else peak
+  tx = OPTIMIZERS[o.name](schedule(o.learning_rate), o)
+  if head_learning_rate is None:
+    return tx
+  head = OPTIMIZERS[o.name](schedule(head_learning_rate), o)
+  labels = lambda params: {k: 'head' if k == 'domain_head' else 'model' for k in params}
+  return optax.multi_transform({'model': tx, 'head': head}, labels)
+
+
+def saved_optimizer(config: ml_collections.ConfigDict,
+                    model_spec: dict[str, Any]) -> optax.GradientTransformation:
+  """An optimizer with the structure of a finished run's (``model_spec``: its ``model.json``
+  entry), to restore its checkpoint: a DANN model's domain head has its own transformation."""
+  head = 1.0 if model_spec['name'] == 'domain_head' else None   # structure only, not the value
+  return make_optimizer(config, total_steps=1, head_learning_rate=head)
 
 
 def make_run_folds(config: ml_collections.ConfigDict, store: ImageStore) -> list[splits.Fold]:
@@ -330,7 +404,10 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   norm = fold_normalization(config, store, fold, workdir)
   _require(not method.context_net or store.kind == 'images', 'method',
            f'{method.name} needs an image store (its context net is a CNN)')
-  name, options = method.model_choice(config.model.name, model_options(config, store))
+  domains, unlabelled = (None, ()) if method.objective is None else _domains(config, store, fold,
+                                                                              method)
+  name, options = method.model_choice(config.model.name, model_options(config, store),
+                                      None if domains is None else len(domains))
   try:
     remat = {'remat': True} if config.model.get('remat') else {}   # memory only: not in model.json
     model = models.create(name, len(store.class_ids), dtype=config.model.dtype, **options,
@@ -338,9 +415,11 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from None
   steps_per_epoch, total_steps = schedule_length(config, store, fold)
-  return Experiment(config, store, fold, norm, model, method, make_optimizer(config, total_steps),
-                    mesh, steps_per_epoch, total_steps, Protocol.from_config(config, store.kind),
-                    skipped)
+  head_lr = method.objective.head_learning_rate if name == 'domain_head' else None
+  return Experiment(config, store, fold, norm, model, method,
+                    make_optimizer(config, total_steps, head_lr), mesh, steps_per_epoch,
+                    total_steps, Protocol.from_config(config, store.kind), skipped,
+                    domains=domains, unlabelled=unlabelled)
 
 
 TVN_FIT_ON = ('all', 'train')
@@ -382,18 +461,25 @@ def _adaptation_run(config, store, fold, method, mesh, skipped) -> Experiment:
   norm = normalization.NormStats.load(os.path.join(config.tta.source, 'normalization.json'))
   model = models.from_spec(spec['model'])
   source_config = ml_collections.ConfigDict(_read_source(config, 'config.json'))
-  return Experiment(config, store, fold, norm, model, method, make_optimizer(source_config, 1),
-                    mesh, 1, 0, Protocol.from_config(config, store.kind), skipped, source=spec)
+  return Experiment(config, store, fold, norm, model, method,
+                    saved_optimizer(source_config, spec['model']), mesh, 1, 0,
+                    Protocol.from_config(config, store.kind), skipped, source=spec)
 
 
 def model_spec(exp) -> dict[str, Any]:
   """What a run writes to ``workdir/model.json``: enough to rebuild its model and protocol."""
   c = exp.config
-  name, options = exp.method.model_choice(c.model.name, model_options(c, exp.store))
+  name, options = exp.method.model_choice(c.model.name, model_options(c, exp.store),
+                                          None if exp.domains is None else len(exp.domains))
   model = exp.source['model'] if exp.source else {
       'name': name, 'num_classes': len(exp.store.class_ids), 'options': options,
       'dtype': c.model.dtype}
-  return {'model': model,
+  domain = {}
+  if exp.domains is not None:     # DANN / CORAL: the mode that ran, for the study to report
+    domain = {'domain': {'by': c.domain.by, 'transductive': bool(exp.unlabelled),
+                         'num_domains': len(exp.domains), 'unlabelled_plates': len(exp.unlabelled),
+                         'settings': dataclasses.asdict(exp.method.objective)}}
+  return {'model': model, **domain,
           'method': exp.method.name, 'store_kind': exp.store.kind,
           'channels': exp.store.channels,
           'classes': [{'id': i, 'name': n}

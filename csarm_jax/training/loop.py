@@ -81,7 +81,8 @@ def _train_batches(exp: experiment.Experiment):
       crop_size=c.data.crop_size if exp.store.kind == 'images' else None, flips=c.data.flips,
       sampling=m.train_sampling, too_few=c.data.too_few, seed=c.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=c.data.num_threads, prefetch_buffer_size=c.data.prefetch)
+      num_threads=c.data.num_threads, prefetch_buffer_size=c.data.prefetch,
+      **experiment.domain_sampling(exp))
 
 
 def _fresh_meta() -> dict[str, Any]:
@@ -120,7 +121,8 @@ def train(exp: experiment.Experiment, workdir: str,
 
   step_fn = compile_train_step(make_train_step(exp.model, exp.method, exp.tx, exp.preprocess,
                                                c.data.get('contexts_per_microbatch'),
-                                               seed=c.seed), exp.mesh)
+                                               seed=c.seed, total_steps=exp.total_steps),
+                              exp.mesh)
   eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
   log = MetricsLog(workdir, enabled=jax.process_index() == 0,
                   resumed_at=int(state.step) if restored is not None else None)
@@ -270,11 +272,14 @@ def _all_finite_on_device(tree) -> jax.Array:
 
 def _reduce(metrics: list[dict[str, np.ndarray]]) -> dict[str, float]:
   labelled = np.array([m['labelled'] for m in metrics], np.float64)
-  return {'loss': float(np.mean([m['loss'] for m in metrics])),
-          'accuracy': float(np.sum([m['accuracy'] * n for m, n in zip(metrics, labelled)]) /
-                            max(labelled.sum(), 1)),
-          'grad_norm': float(np.mean([m['grad_norm'] for m in metrics])),
-          'images': int(np.sum([m['images'] for m in metrics]))}
+  out = {'loss': float(np.mean([m['loss'] for m in metrics])),
+         'accuracy': float(np.sum([m['accuracy'] * n for m, n in zip(metrics, labelled)]) /
+                           max(labelled.sum(), 1)),
+         'grad_norm': float(np.mean([m['grad_norm'] for m in metrics])),
+         'images': int(np.sum([m['images'] for m in metrics]))}
+  if 'domain_loss' in metrics[0]:           # DANN / CORAL: the weighted domain loss within 'loss'
+    out['domain_loss'] = float(np.mean([m['domain_loss'] for m in metrics]))
+  return out
 
 
 def _validate(exp, eval_step, state, step: int, meta: dict[str, Any], log: MetricsLog) -> None:
@@ -335,6 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   final = {'method': exp.method.name, 'fold': exp.fold.name, 'seed': config.seed,
            'best_step': meta['best_step'], 'stopped_early': meta['stopped_early'],
            'evaluated_step': step, 'skipped': exp.skipped, 'evaluations': results}
+  if exp.domains is not None:       # which domain-adaptation mode ran (the study reports it)
+    final['domain'] = spec['domain']
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(final, f, indent=1)

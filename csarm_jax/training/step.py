@@ -4,7 +4,9 @@ A batch holds C contexts (leading axis; see csarm_jax.data.pipeline for the cont
 (C, M, ...), ``labels`` (C, M; -1 = unlabelled), ``mask`` (C, M; 0 = padding) and ``is_control``.
 The step vmaps the method's context forward over C -- each context normalised with its own
 statistics, gradients flowing through them -- averages each context's mean cross-entropy over its
-labelled rows, and applies one optimizer update. Under ``jit`` with the context axis sharded over a
+labelled rows -- plus, for a method with an ``objective`` (DANN, CORAL), the mean over contexts of
+that loss on each context's features and ``domain`` ids (C, M) -- and applies one optimizer
+update. Under ``jit`` with the context axis sharded over a
 device mesh this is pmap-style data parallelism without pmap.
 
 Dropout (models with a dropout rate) draws its masks from ``dropout_keys(seed, step)``: one key
@@ -76,60 +78,77 @@ def _micro_groups(batch: Batch, size: int) -> Batch:
 
 def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransformation,
                     preprocess: Preprocess, contexts_per_microbatch: int | None = None,
-                    seed: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    seed: int = 0, total_steps: int = 1
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """The step; ``contexts_per_microbatch`` (None/0: all at once) bounds the contexts in flight;
-  ``seed`` seeds dropout."""
+  ``seed`` seeds dropout; ``total_steps``: the schedule length an objective's progress
+  (step / total) refers to."""
+  objective = method.objective
+  keys = CONTEXT_KEYS + (DROPOUT,) + (('domain',) if objective is not None else ())
 
-  def forward(params, batch_stats, group: Batch):
-    """Per-context (loss_sum, count, correct) and running averages of a group of contexts."""
+  def forward(params, batch_stats, group: Batch, progress):
+    """Per-context (loss_sum, count, correct, objective) and running averages of a group."""
     variables = {'params': params, RUNNING_STATS: batch_stats}
 
-    def one_context(images, labels, mask, is_control, key):
-      logits, running = method.forward(model, variables, preprocess(images), mask, is_control,
-                                       train=True, rngs={DROPOUT: key})
-      return labelled_cross_entropy(logits, labels), running
-    return jax.vmap(one_context)(*(group[k] for k in CONTEXT_KEYS + (DROPOUT,)))
+    def one_context(images, labels, mask, is_control, key, domain=None):
+      out, running = method.forward(model, variables, preprocess(images), mask, is_control,
+                                    train=True, rngs={DROPOUT: key},
+                                    return_features=objective is not None)
+      if objective is None:
+        return labelled_cross_entropy(out, labels) + (jnp.float32(0.0),), running
+      logits, features = out
+      extra = objective.loss(model, variables, features, domain, mask, progress)
+      return labelled_cross_entropy(logits, labels) + (extra,), running
+    return jax.vmap(one_context)(*(group[k] for k in keys))
 
-  def all_at_once(state: TrainState, batch: Batch):
+  def all_at_once(state: TrainState, batch: Batch, progress):
     def loss_fn(params):
-      (loss_sum, count, correct), running = forward(params, state.batch_stats, batch)
+      (loss_sum, count, correct, extra), running = forward(params, state.batch_stats, batch,
+                                                           progress)
       running = jax.tree.map(lambda r: jnp.mean(r, axis=0), running)   # averaged over contexts
-      return mean_over_contexts(loss_sum, count), (running, jnp.sum(count), jnp.sum(correct))
+      extra = jnp.mean(extra)
+      return mean_over_contexts(loss_sum, count) + extra, (running, jnp.sum(count),
+                                                           jnp.sum(correct), extra)
     return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
-  def micro_batched(state: TrainState, batch: Batch, size: int):
+  def micro_batched(state: TrainState, batch: Batch, size: int, progress):
     num_contexts = batch['labels'].shape[0]
-    group_batch = {k: batch[k] for k in CONTEXT_KEYS + (DROPOUT,)}
+    group_batch = {k: batch[k] for k in keys}
     group_batch['weight'] = context_weights(batch['labels'])
 
     def body(carry, group):
       def loss_fn(params):
-        (loss_sum, count, correct), running = forward(params, state.batch_stats, group)
+        (loss_sum, count, correct, extra), running = forward(params, state.batch_stats, group,
+                                                             progress)
         running = jax.tree.map(lambda r: jnp.sum(r, axis=0), running)
-        return jnp.sum(loss_sum * group['weight']), (running, jnp.sum(count), jnp.sum(correct))
+        extra = jnp.sum(extra) / num_contexts
+        return jnp.sum(loss_sum * group['weight']) + extra, (running, jnp.sum(count),
+                                                              jnp.sum(correct), extra)
       out = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
       return jax.tree.map(jnp.add, carry, out), None
 
     zero = lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x))
-    init = ((zero(0.0), (jax.tree.map(zero, state.batch_stats), zero(0), zero(0))),
+    init = ((zero(0.0), (jax.tree.map(zero, state.batch_stats), zero(0), zero(0), zero(0.0))),
             jax.tree.map(zero, state.params))
-    (loss, (running, count, correct)), grads = jax.lax.scan(
+    (loss, (running, count, correct, extra)), grads = jax.lax.scan(
         body, init, _micro_groups(group_batch, size))[0]
     if method.running_stats:      # the mean over contexts of each context's updated averages
       running = jax.tree.map(lambda r: r / num_contexts, running)
     else:
       running = state.batch_stats
-    return (loss, (running, count, correct)), grads
+    return (loss, (running, count, correct, extra)), grads
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     num_contexts = batch['labels'].shape[0]
     size = contexts_per_microbatch
     check_microbatch(num_contexts, size)
     batch = {**batch, DROPOUT: dropout_keys(seed, state.step, num_contexts)}
+    progress = jnp.minimum(state.step / max(total_steps, 1), 1.0).astype(jnp.float32)
     if size and size < num_contexts:
-      (loss, (running, count, correct)), grads = micro_batched(state, batch, size)
+      (loss, (running, count, correct, extra)), grads = micro_batched(state, batch, size,
+                                                                      progress)
     else:
-      (loss, (running, count, correct)), grads = all_at_once(state, batch)
+      (loss, (running, count, correct, extra)), grads = all_at_once(state, batch, progress)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
@@ -137,6 +156,8 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
     metrics = {'loss': loss, 'accuracy': correct / jnp.maximum(count, 1),
                'grad_norm': optax.tree_utils.tree_norm(grads), 'labelled': count,
                'images': jnp.sum(batch['mask'] > 0)}
+    if objective is not None:
+      metrics['domain_loss'] = extra
     return new_state, metrics
   return step
 

@@ -20,7 +20,7 @@ import ml_collections
 from csarm_jax import models, nested
 from csarm_jax.data import normalization
 from csarm_jax.training import checkpoint
-from csarm_jax.training.experiment import ConfigError, make_optimizer
+from csarm_jax.training.experiment import ConfigError, saved_optimizer
 from csarm_jax.training.state import abstract_state
 
 SPEC, CONFIG = 'model.json', 'config.json'
@@ -115,7 +115,7 @@ def restore_run(workdir: str, which: str = SELECTED
   config = ml_collections.ConfigDict(read_json(os.path.join(workdir, CONFIG)))
   norm = normalization.NormStats.load(os.path.join(workdir, NORMALIZATION))
   model = models.from_spec(spec['model'])
-  tx = make_optimizer(config, total_steps=1)             # the state's structure, not its values
+  tx = saved_optimizer(config, spec['model'])
   target = abstract_state(model, tx, models.example_input(model, spec['crop_size']),
                           jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   ckpt = checkpoint.Checkpoints(workdir)

@@ -12,7 +12,8 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | cs_arm_bn | ben |
-                                    # arm_cml | cs_arm_cml | tent | deyo | roid (see c.tta)
+                                    # arm_cml | cs_arm_cml | tent | deyo | roid (see c.tta) |
+                                    # dann | coral (see c.domain)
   # Method fields a run may change. statistics_gradient: whether training gradients flow through
   # the context's BatchNorm statistics (False: constants, the reference's BEN; see jump_reference).
   c.method_options = ml_collections.ConfigDict({'statistics_gradient': True})
@@ -116,6 +117,19 @@ def get_config() -> ml_collections.ConfigDict:
       'settings': {},               # overrides of csarm_jax.tta's defaults, e.g. {'steps': 2}
   })
 
+  # Domain adaptation (methods dann | coral): what a domain is, how training contexts cover the
+  # domains, and whether the held-out plates' images join training unlabelled (label -1, domain
+  # loss and statistics only: transductive, as the reference) or not (training domains only).
+  c.domain = ml_collections.ConfigDict({
+      'by': 'plate',                # plate | batch | source; counted from the run's plates
+      'transductive': True,
+      'domains_per_context': 4,     # domains per training context, an equal share of N each
+      'num_unlabelled': config_dict.placeholder(int),   # held-out images per context
+                                                        # (None: data.num_perturbed)
+      'settings': {},               # overrides of methods/domain.py's defaults, e.g.
+                                    # {'schedule': 'ganin'} or {'weight': 1.0}
+  })
+
   c.distributed = ml_collections.ConfigDict({
       'enabled': False,             # or CSARM_DISTRIBUTED=1; arguments None = auto-detect
       'coordinator_address': config_dict.placeholder(str),
@@ -128,7 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
 # The paper's within-source settings on JUMP (the reference's default data config, source_3 only):
 # 5 folds of whole batches or plates, validation on 15 % of the training plates.
 WITHIN_SOURCE = {'new_batches': 'batch', 'new_plates': 'plate'}
-ERM_STYLE = ('erm', 'adabn', 'adabn_controls')
+ERM_STYLE = ('erm', 'adabn', 'adabn_controls', 'dann', 'coral')
 
 
 def reference_method_choices(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -148,10 +162,11 @@ def jump_reference(c: ml_collections.ConfigDict, setting: str | None = None
 
   - every BatchNorm scale starts at 1 (the reference has no zero-init of the last BN), and the
     head pools as the reference's (border rows of the 8x8 map weigh less at 256 px);
-  - ERM-style methods: one optimizer update per batch of N = 64 mixed images, BatchNorm over that
-    batch (contexts_per_step=1; on D > 1 devices use D, i.e. D batches of 64 per update), with the
-    released script's trainer settings, which are the defaults (Adam 1e-3, no schedule, early
-    stopping with patience 20, at most 200 epochs);
+  - ERM-style methods (and DANN / Deep CORAL, which the reference trains as ERM): one optimizer
+    update per batch of N = 64 mixed images, BatchNorm over that batch (contexts_per_step=1; on
+    D > 1 devices use D, i.e. D batches of 64 per update), with the released script's trainer
+    settings, which are the defaults (Adam 1e-3, no schedule, early stopping with patience 20, at
+    most 200 epochs);
   - BEN: the control statistics carry no gradient.
 
   setting: None or 'cross_source' -- leave-one-source-out S3 <-> S8 (the released script);
