@@ -194,7 +194,9 @@ def open_run_store(config: ml_collections.ConfigDict) -> ImageStore:
   if config.synthetic.preset:
     from csarm_jax.data import synthetic      # builds the benchmark on first use
     def build() -> str:   # multi-host: on process 0, so config.store must be a path all can read
-      synthetic.ensure(config.store, config.synthetic.preset, seed=config.synthetic.seed)
+      overrides = config.synthetic.get('overrides') or ml_collections.ConfigDict()
+      synthetic.ensure(config.store, config.synthetic.preset, seed=config.synthetic.seed,
+                       **overrides.to_dict())
       return ''
     parallel.from_lead_process('synthetic store', build)
   elif '://' not in config.store and not os.path.exists(config.store):

@@ -20,7 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.store = config_dict.placeholder(str)   # image store path or URL (file://, gs://, s3://)
 
   # Build the synthetic benchmark into `store` on first use when set (tiny | quickstart | large).
-  c.synthetic = ml_collections.ConfigDict({'preset': config_dict.placeholder(str), 'seed': 0})
+  # overrides: preset fields (nested), e.g. {'effects': {'strength': 1.3}} (make_synthetic.py's
+  # --effects.strength); a store built otherwise is refused, not reused.
+  c.synthetic = ml_collections.ConfigDict({'preset': config_dict.placeholder(str), 'seed': 0,
+                                           'overrides': {}})
 
   c.model = ml_collections.ConfigDict({
       'name': 'resnet50',
