@@ -1,4 +1,5 @@
-r"""The reproduction study: every method, setting and test-time sweep, then the report.
+r"""The reproduction study: every method, setting and test-time sweep on every benchmark seed
+(and benchmark variant and section of the config), then the report.
 
   python experiments/reproduce.py --config=experiments/configs/reproduce.py:quick \
       --workdir=runs/study
