@@ -50,6 +50,9 @@ def test_both_study_variants_are_valid_configs():
     stores = {(b.variant, b.seed): b.experiment.store for b in benches if b.section == 'images'}
     assert len(set(stores.values())) == len(stores)            # one store per benchmark
   quick = reproduce.get_config('quick')
+  assert {s.sweep for s in study.eval_specs(quick, methods.TENT)} == {'none', 'label_shift'}
+  assert {s.sweep for s in study.eval_specs(reproduce.get_config('full'), methods.TENT)} == {
+      'none', 'label_shift', 'perturbed'}                      # no controls in TENT's contexts
   assert len(quick.benchmark_seeds) >= 3 and set(reproduce.METHODS) <= set(quick.methods)
   variant = study.benchmarks(quick, 'w')[1]
   assert variant.variant == 'strength_1_3' and variant.label_shift_alphas == (0.01,)
@@ -162,6 +165,7 @@ def smoke(tmp_path_factory):
   config.sections = {'wide': {'overrides': {'model': {'options': {'width': 8}},
                                             'store': '{store}'},
                               'methods': ['erm'], 'benchmark_seeds': [1]}}
+  config.method_overrides = {'arm_cml': {'model': {'options': {'context_hidden': 6}}}}
   config.sweeps.update(label_shift_alphas=[0.01], perturbed=[1, 4], controls=[0, 4],
                        max_images_per_plate=4)
   config.embedding.max_images_per_plate = 4
@@ -175,10 +179,10 @@ def test_study_writes_one_row_per_evaluation(smoke):
   assert list(saved.columns) == list(study.RESULT_COLUMNS)
   assert len(saved) == len(results)
   per = saved.groupby(['section', 'benchmark', 'benchmark_seed', 'method']).size().to_dict()
-  # erm, tent: 3 settings + 1 alpha + 2 context sizes; cs_arm_bn also sweeps 2 control counts;
-  # the variant: balanced + 1 alpha on the sweep setting
+  # erm: 3 settings + 1 alpha + 2 context sizes; cs_arm_bn also sweeps 2 control counts; tent
+  # (quick: sweeps.test_time = label shift) 3 settings + 1 alpha; the variant: balanced + 1 alpha
   main = {('images', 'base', b, m): n for b in (0, 1)
-          for m, n in (('erm', 6), ('cs_arm_bn', 8), ('tent', 6))}
+          for m, n in (('erm', 6), ('cs_arm_bn', 8), ('tent', 4))}
   assert per == {**main, ('images', 'strong', 0, 'arm_cml'): 2, ('wide', 'base', 1, 'erm'): 6}
   assert set(saved['setting']) == {'in_domain', 'unseen_batches', 'unseen_source'}
   assert saved['accuracy'].between(0, 1).all()
@@ -203,6 +207,9 @@ def test_each_benchmark_trains_on_its_own_store(smoke):
   assert stores[0].endswith('b-seed0') and stores[1].endswith('b-seed1')
   strong = run_config('images', 'strong', 0, 'arm_cml')
   assert strong['store'].endswith('b-strong-seed0')
+  assert strong['model']['options']['context_hidden'] == 6        # config.method_overrides
+  with open(os.path.join(_run_dir(workdir, 'images', 'strong', 0, 'arm_cml'), 'model.json')) as f:
+    assert json.load(f)['model']['options']['context_hidden'] == 6
   made_by = store_lib.read_manifest(strong['store'])['created_by']
   assert made_by['config']['effects']['strength'] == 1.3 and made_by['seed'] == 0
   wide = run_config('wide', 'base', 1, 'erm')
@@ -211,7 +218,7 @@ def test_each_benchmark_trains_on_its_own_store(smoke):
   # TENT trains nothing: it adapts the ERM model of its benchmark
   assert not os.path.exists(_run_dir(workdir, 'images', 'base', 0, 'tent'))
   tent = os.path.join(_run_dir(workdir, 'images', 'base', 0, 'erm'), 'study', 'tent')
-  assert len(os.listdir(tent)) == 6
+  assert len(os.listdir(tent)) == 4
 
 
 def _cache_files(workdir):

@@ -33,6 +33,7 @@ from csarm_jax.training import cross_validation, experiment, loop
 from csarm_jax.evaluation.step import compiled_eval_step
 
 MAIN_SECTION, BASE = 'images', 'base'   # the main section; the benchmark without a variant
+SWEEPS = ('label_shift', 'perturbed', 'controls')
 RESULT_COLUMNS = ('section', 'benchmark', 'benchmark_seed', 'method', 'setting', 'sweep',
                   'sweep_value', 'fold', 'seed', 'num_perturbed', 'num_controls', 'alpha',
                   'num_images', 'accuracy', 'balanced_accuracy', 'macro_f1', 'well_accuracy')
@@ -174,7 +175,8 @@ def benchmarks(config: ml_collections.ConfigDict, workdir: str) -> list[Benchmar
   for seed in seeds:
     main = _seed_store(config.experiment, seed, BASE)
     out.append(Benchmark(MAIN_SECTION, BASE, seed, main, tuple(config.methods)))
-    for name, v in (config.get('benchmark_variants') or {}).items():
+    variants = config.get('benchmark_variants') if config.experiment.synthetic.preset else None
+    for name, v in (variants or {}).items():       # a store that is not synthetic has none
       if _applies(v, seed):
         cfg = with_overrides(_seed_store(config.experiment, seed, name),
                              {'synthetic': {'overrides': v.synthetic.to_dict()}}, {})
@@ -200,7 +202,8 @@ def sweep_setting(config: ml_collections.ConfigDict) -> str:
 
 def eval_specs(config: ml_collections.ConfigDict, method: methods.Method,
                label_shift_alphas: tuple[float, ...] | None = None) -> list[EvalSpec]:
-  """Every evaluation the study asks of one method (sweeps only where they apply); with
+  """Every evaluation the study asks of one method (sweeps only where they apply; a test-time
+  adaptation method only in ``config.sweeps.test_time``, default all); with
   ``label_shift_alphas`` (a benchmark variant) only the sweep setting and those alphas."""
   s = config.sweeps
   setting = sweep_setting(config)
@@ -210,12 +213,13 @@ def eval_specs(config: ml_collections.ConfigDict, method: methods.Method,
                  part=s.part) for a in label_shift_alphas]
   specs = [EvalSpec(setting, part) for setting, part in config.settings.items()]
   common = dict(setting=setting, part=s.part, max_images_per_plate=s.max_images_per_plate)
-  for alpha in s.label_shift_alphas:
+  sweeps = SWEEPS if method.trains else tuple(s.get('test_time', SWEEPS))
+  for alpha in s.label_shift_alphas if 'label_shift' in sweeps else ():
     specs.append(EvalSpec(sweep='label_shift', sweep_value=f'{alpha:g}', alpha=float(alpha),
                           setting=setting, part=s.part))
-  for n in s.perturbed:
+  for n in s.perturbed if 'perturbed' in sweeps else ():
     specs.append(EvalSpec(sweep='perturbed', sweep_value=str(n), num_perturbed=int(n), **common))
-  if method.eval_controls:
+  if method.eval_controls and 'controls' in sweeps:
     for k in s.controls:
       if k == 0 and method.statistics_from == 'controls':
         continue                      # BEN's statistics come from the controls: K = 0 is undefined
@@ -259,18 +263,27 @@ def _evaluate(exp, eval_step, variables, spec: EvalSpec) -> dict[str, Any]:
                                                            'well_accuracy')}}
 
 
-def _build(config, bench: Benchmark, name: str, run_dir: str, fold: int, seed: int):
-  """The experiment of study method ``name`` on the model trained in ``run_dir``."""
+def trainer_experiment(config, bench: Benchmark, trainer: str) -> ml_collections.ConfigDict:
+  """The experiment config of the model ``trainer`` trains on ``bench`` (and of every method
+  evaluated on it): the benchmark's, with ``config.method_overrides[trainer]`` (e.g. a smaller
+  ARM-CML context net for a quick study)."""
+  overrides = (config.get('method_overrides') or {}).get(trainer)
+  return with_overrides(bench.experiment, overrides, {}) if overrides else bench.experiment
+
+
+def _build(config, bench: Benchmark, trainer: str, name: str, run_dir: str, fold: int,
+           seed: int):
+  """The experiment of study method ``name`` on the model ``trainer`` trained in ``run_dir``."""
   _, source = study_method(name, config.get('tta_source', 'erm'))
-  cfg = _run_config(bench.experiment, name.partition('@')[0], fold, seed,
-                    run_dir if source else None)
+  cfg = _run_config(trainer_experiment(config, bench, trainer), name.partition('@')[0], fold,
+                    seed, run_dir if source else None)
   return experiment.build(cfg, run_dir)
 
 
-def run_evaluations(config, bench: Benchmark, method_name: str, run_dir: str, fold: int,
-                    seed: int) -> Iterator[dict]:
+def run_evaluations(config, bench: Benchmark, trainer: str, method_name: str, run_dir: str,
+                    fold: int, seed: int) -> Iterator[dict]:
   """Rows for one method on one trained run; each evaluation cached in run_dir/study/."""
-  exp = _build(config, bench, method_name, run_dir, fold, seed)
+  exp = _build(config, bench, trainer, method_name, run_dir, fold, seed)
   cache_dir = os.path.join(run_dir, 'study', method_name)
   os.makedirs(cache_dir, exist_ok=True)
   variables = eval_step = None
@@ -306,9 +319,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame:
           run_dir = trainer_dir(workdir, bench, trainer, fold, seed)
           if not os.path.exists(os.path.join(run_dir, 'results.json')):
             logging.info('training %s fold %d seed %d in %s', trainer, fold, seed, run_dir)
-            loop.train_and_evaluate(_run_config(bench.experiment, trainer, fold, seed), run_dir)
+            loop.train_and_evaluate(
+                _run_config(trainer_experiment(config, bench, trainer), trainer, fold, seed),
+                run_dir)
           for method_name in members:
-            rows.extend(run_evaluations(config, bench, method_name, run_dir, fold, seed))
+            rows.extend(run_evaluations(config, bench, trainer, method_name, run_dir, fold, seed))
         results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
         results.to_csv(os.path.join(workdir, 'results.csv'), index=False)   # progress so far
   return results
@@ -327,7 +342,7 @@ def embedding_frame(config: ml_collections.ConfigDict, workdir: str, method_name
   trainer = next(t for t, members in training_groups(
       list(config.methods), config.get('tta_source', 'erm')).items() if method_name in members)
   run_dir = trainer_dir(workdir, bench, trainer, fold, seed)
-  exp = _build(config, bench, method_name, run_dir, fold, seed)
+  exp = _build(config, bench, trainer, method_name, run_dir, fold, seed)
   variables = loop.restore_variables(exp, run_dir)
   eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh,
                                  with_features=True)
