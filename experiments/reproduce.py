@@ -1,4 +1,5 @@
-r"""The reproduction study: every method, setting and test-time sweep, then the report.
+r"""The reproduction study: every method, setting and test-time sweep on every benchmark seed
+(and benchmark variant and section of the config), then the report.
 
   python experiments/reproduce.py --config=experiments/configs/reproduce.py:quick \
       --workdir=runs/study
@@ -27,7 +28,7 @@ def write_embedding(config, workdir: str) -> list[str]:
   e = config.embedding
   frames = []
   for method in e.methods:
-    frame = study.embedding_frame(config, workdir, method, e.fold, e.seed)
+    frame = study.embedding_frame(config, workdir, method, e.fold, e.seed, e.benchmark_seed)
     features = frame.filter(regex=r'^feature_').to_numpy()
     pca = PCA(2, random_state=0).fit(features)
     xy = pca.transform(features)
@@ -36,7 +37,8 @@ def write_embedding(config, workdir: str) -> list[str]:
         pc2_var=pca.explained_variance_ratio_[1]))
   pd.concat(frames).to_csv(os.path.join(workdir, 'embedding.csv'), index=False)
   from csarm_jax.data import open_store
-  return open_store(config.experiment.store).class_names
+  return open_store(study.main_benchmark(config, workdir, e.benchmark_seed).experiment.store
+                    ).class_names
 
 
 def main(argv):

@@ -1,5 +1,9 @@
 """The study's report: ``summary.md`` tables and PNG figures, computed from ``results.csv`` alone
-(plus ``embedding.csv`` for the feature-space figure)."""
+(plus ``embedding.csv`` for the feature-space figure).
+
+Rows of an extra section or a benchmark variant are reported as methods of their own
+('cs_arm_bn [strength1.3]'); means and stds pool benchmark seeds x folds x training seeds, and
+``spread`` splits the spread between benchmark realisations and training seeds."""
 from __future__ import annotations
 
 import os
@@ -11,20 +15,59 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from csarm_jax.study.runner import BASE, MAIN_SECTION  # noqa: E402
+
 SETTING_ORDER = ('in_domain', 'unseen_batches', 'unseen_source')
 SETTING_LABELS = {'in_domain': 'unseen plates (in-domain)', 'unseen_batches': 'unseen batches',
                   'unseen_source': 'unseen source (cross-lab)'}
 METHOD_LABELS = {'erm': 'ERM', 'adabn': 'AdaBN', 'adabn_controls': 'AdaBN + controls', 'ben': 'BEN',
-                 'arm_bn': 'ARM-BN', 'cs_arm_bn': 'CS-ARM-BN'}
-METHOD_COLORS = dict(zip(METHOD_LABELS, plt.get_cmap('tab10').colors))   # one colour per method
+                 'arm_bn': 'ARM-BN', 'cs_arm_bn': 'CS-ARM-BN', 'arm_cml': 'ARM-CML',
+                 'cs_arm_cml': 'CS-ARM-CML', 'tent': 'TENT', 'deyo': 'DeYO', 'roid': 'ROID'}
+METHOD_COLORS = dict(zip(METHOD_LABELS, plt.get_cmap('tab20').colors))   # one colour per method
+KEYS = ['method', 'setting', 'sweep', 'sweep_value']
+
+
+def labelled(results: pd.DataFrame) -> pd.DataFrame:
+  """``results`` with rows of an extra section or benchmark variant named as methods of their own:
+  'erm [wide]', 'cs_arm_bn [strength1.3]'."""
+  def tag(column: str, main: str) -> pd.Series:
+    return results[column].astype(str).map(lambda v: '' if v == main else f' [{v}]')
+  return results.assign(method=results['method'] + tag('section', MAIN_SECTION) +
+                        tag('benchmark', BASE),
+                        sweep_value=results['sweep_value'].fillna('').astype(str))
+
+
+def method_label(method: str) -> str:
+  """'tent@cs_arm_bn [strength1.3]' -> 'TENT from CS-ARM-BN [strength1.3]'."""
+  name, _, tags = method.partition(' ')
+  base, _, source = name.partition('@')
+  label = METHOD_LABELS.get(base, base)
+  if source:
+    label += f' from {METHOD_LABELS.get(source, source)}'
+  return f'{label} {tags}' if tags else label
+
+
+def _color(method: str):
+  return METHOD_COLORS.get(method.partition(' ')[0].partition('@')[0])
 
 
 def aggregate(results: pd.DataFrame, metric: str = 'accuracy') -> pd.DataFrame:
-  """mean, sample std (ddof=1) and n over folds x seeds per method/setting/sweep/value."""
-  keys = ['method', 'setting', 'sweep', 'sweep_value']
-  r = results.assign(sweep_value=results['sweep_value'].fillna('').astype(str))
-  g = r.groupby(keys, sort=False)[metric]
+  """mean, sample std (ddof=1) and n over benchmark seeds x folds x seeds per
+  method/setting/sweep/value (methods as ``labelled`` names them)."""
+  g = labelled(results).groupby(KEYS, sort=False)[metric]
   out = pd.DataFrame({'mean': g.mean(), 'std': g.std(ddof=1).fillna(0.0), 'n': g.size()})
+  return out.reset_index()
+
+
+def spread(results: pd.DataFrame, metric: str = 'accuracy') -> pd.DataFrame:
+  """Where the spread comes from, per method/setting/sweep/value: ``between``, the sample std over
+  benchmark seeds of each benchmark's mean over its runs (folds x training seeds); ``within``, the
+  mean over benchmark seeds of the sample std over each benchmark's runs. NaN where undefined (one
+  benchmark seed; one run per benchmark)."""
+  per = labelled(results).groupby(KEYS + ['benchmark_seed'], sort=False)[metric].agg(
+      ['mean', 'std'])
+  out = per.groupby(KEYS, sort=False).agg(between=('mean', 'std'), within=('std', 'mean'),
+                                          benchmarks=('mean', 'size'))
   return out.reset_index()
 
 
@@ -32,13 +75,17 @@ def _cell(row) -> str:
   return f"{row['mean']:.3f} ± {row['std']:.3f} (n={int(row['n'])})"
 
 
+def _spread_cell(row) -> str:
+  return ' / '.join('—' if pd.isna(row[k]) else f'{row[k]:.3f}' for k in ('between', 'within'))
+
+
 def _pivot(agg: pd.DataFrame, columns: str, order: Sequence[str],
-           methods: Sequence[str]) -> pd.DataFrame:
-  table = agg.assign(cell=agg.apply(_cell, axis=1)).pivot(index='method', columns=columns,
-                                                         values='cell')
+           methods: Sequence[str], cell=_cell) -> pd.DataFrame:
+  table = agg.assign(cell=agg.apply(cell, axis=1)).pivot(index='method', columns=columns,
+                                                        values='cell')
   table = table.reindex(index=[m for m in methods if m in table.index],
                         columns=[c for c in order if c in table.columns]).fillna('—')
-  return table.rename(index=METHOD_LABELS)
+  return table.rename(index=method_label)
 
 
 def _markdown(table: pd.DataFrame, first: str) -> str:
@@ -66,7 +113,7 @@ def _sweep_order(values) -> list[str]:
 
 def summary_markdown(results: pd.DataFrame, paper: pd.DataFrame, sweep_setting: str,
                      command: str) -> str:
-  methods = list(dict.fromkeys(results['method']))
+  methods = list(dict.fromkeys(labelled(results)['method']))
   agg = aggregate(results)
   main = _pivot(agg[agg['sweep'] == 'none'], 'setting', SETTING_ORDER, methods)
   main.columns = [SETTING_LABELS[c] for c in main.columns]
@@ -74,7 +121,8 @@ def summary_markdown(results: pd.DataFrame, paper: pd.DataFrame, sweep_setting: 
       '# CS-ARM-BN reproduction study', '',
       f'Regenerate: `{command}`', '',
       'Accuracy = fraction of perturbed test images classified correctly (8 classes), mean ± '
-      'sample std over folds × seeds (n runs). Computed from `results.csv`.', '',
+      f'sample std over n runs: {_runs_note(results)}. Computed from `results.csv`. '
+      'Rows tagged [name] come from a benchmark variant or an extra section.', '',
       '## Accuracy by method and setting', '', _markdown(main, 'method'), '']
   for sweep, title, balanced in (('label_shift', 'Label shift: Dirichlet α of each test context',
                                   True),
@@ -84,8 +132,29 @@ def summary_markdown(results: pd.DataFrame, paper: pd.DataFrame, sweep_setting: 
     if len(rows):
       table = _pivot(rows, 'sweep_value', _sweep_order(rows['sweep_value']), methods)
       parts += [f'## {title} ({SETTING_LABELS[sweep_setting]})', '', _markdown(table, 'method'), '']
+  parts += spread_markdown(results, sweep_setting, methods)
   parts += ['## The paper beside ours', '', paper_comparison_markdown(agg, paper), '']
   return '\n'.join(parts)
+
+
+def spread_markdown(results: pd.DataFrame, sweep_setting: str, methods: Sequence[str]) -> list[str]:
+  """The spread decomposition's tables: by setting, and along the label-shift sweep."""
+  s = spread(results)
+  parts = ['## Where the spread comes from', '',
+           'Each cell: σ between benchmarks / σ within a benchmark. σ between: sample std over '
+           'benchmark seeds of each benchmark\'s mean accuracy; σ within: mean over benchmark '
+           'seeds of the sample std over that benchmark\'s runs (folds × training seeds). — where '
+           'undefined: one benchmark seed, or one run per benchmark (then the σ between also holds '
+           'the training seed\'s noise, which one run cannot separate).', '']
+  by_setting = _pivot(s[s['sweep'] == 'none'], 'setting', SETTING_ORDER, methods, _spread_cell)
+  by_setting.columns = [SETTING_LABELS[c] for c in by_setting.columns]
+  parts += [_markdown(by_setting, 'method'), '']
+  rows = _sweep(s, 'label_shift', sweep_setting, balanced=True)
+  if len(rows):
+    table = _pivot(rows, 'sweep_value', _sweep_order(rows['sweep_value']), methods, _spread_cell)
+    parts += [f'Label shift (Dirichlet α, {SETTING_LABELS[sweep_setting]}):', '',
+              _markdown(table, 'method'), '']
+  return parts
 
 
 def paper_comparison_markdown(agg: pd.DataFrame, paper: pd.DataFrame) -> str:
@@ -94,7 +163,7 @@ def paper_comparison_markdown(agg: pd.DataFrame, paper: pd.DataFrame) -> str:
   for _, r in merged.iterrows():
     ours = '—' if pd.isna(r['mean']) else _cell(r)
     std = '' if pd.isna(r['paper_std']) else f" ± {r['paper_std']:.3f}"
-    where = f"{METHOD_LABELS.get(r['method'], r['method'])}, {SETTING_LABELS[r['setting']]}"
+    where = f"{method_label(r['method'])}, {SETTING_LABELS[r['setting']]}"
     if r['sweep'] != 'none':
       where += f", {r['sweep'].replace('_', ' ')} {r['sweep_value']}"
     lines.append(f"| {r['paper_claim']} | {r['paper_mean']:.3f}{std} | {ours} ({where}) |")
@@ -102,11 +171,13 @@ def paper_comparison_markdown(agg: pd.DataFrame, paper: pd.DataFrame) -> str:
 
 
 def _runs_note(results: pd.DataFrame) -> str:
-  return f"mean ± std over n = {results.groupby(['fold', 'seed']).ngroups} runs (folds × seeds)"
+  n = [results[c].nunique() for c in ('benchmark_seed', 'fold', 'seed')]
+  return f'{n[0]} benchmark seeds × {n[1]} folds × {n[2]} training seeds'
+
 
 
 def plot_settings(results: pd.DataFrame, path: str) -> None:
-  methods = list(dict.fromkeys(results['method']))
+  methods = list(dict.fromkeys(labelled(results)['method']))
   agg = aggregate(results)
   agg = agg[agg['sweep'] == 'none']
   settings = [s for s in SETTING_ORDER if s in set(agg['setting'])]
@@ -115,12 +186,12 @@ def plot_settings(results: pd.DataFrame, path: str) -> None:
   for i, m in enumerate(methods):
     rows = agg[agg['method'] == m].set_index('setting').reindex(settings)
     ax.bar(np.arange(len(settings)) + i * width, rows['mean'], width, yerr=rows['std'], capsize=2,
-           label=METHOD_LABELS.get(m, m), color=METHOD_COLORS.get(m))
+           label=method_label(m), color=_color(m), hatch='//' if ' [' in m else None)
   ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2)
   ax.set_xticklabels([SETTING_LABELS[s] for s in settings])
   ax.set_ylabel('accuracy (fraction of images)')
   ax.set_ylim(0, 1)
-  ax.set_title(f'Accuracy by setting; {_runs_note(results)}', fontsize=9)
+  ax.set_title(f'Accuracy by setting; mean ± std over {_runs_note(results)}', fontsize=9)
   ax.legend(fontsize=7, ncol=3, loc='lower left')
   fig.tight_layout()
   fig.savefig(path)
@@ -138,8 +209,8 @@ def plot_sweep(results: pd.DataFrame, sweep: str, setting: str, xlabel: str, pat
   for m in dict.fromkeys(rows['method']):
     r = rows[rows['method'] == m].set_index('sweep_value').reindex(order).dropna(subset=['mean'])
     x = [order.index(v) for v in r.index] if not log_x else [float(v) for v in r.index]
-    ax.errorbar(x, r['mean'], yerr=r['std'], marker='o', capsize=2, label=METHOD_LABELS.get(m, m),
-                color=METHOD_COLORS.get(m))
+    ax.errorbar(x, r['mean'], yerr=r['std'], marker='o', capsize=2, label=method_label(m),
+                color=_color(m), linestyle='--' if ' [' in m else '-')
   if log_x:
     ax.set_xscale('symlog', linthresh=1)
     values = [float(v) for v in order]
@@ -151,7 +222,7 @@ def plot_sweep(results: pd.DataFrame, sweep: str, setting: str, xlabel: str, pat
   ax.set_xlabel(xlabel)
   ax.set_ylabel('accuracy (fraction of images)')
   ax.set_ylim(0, 1)
-  ax.set_title(f'{SETTING_LABELS[setting]}\n{_runs_note(results)}', fontsize=9)
+  ax.set_title(f'{SETTING_LABELS[setting]}\nmean ± std over {_runs_note(results)}', fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
@@ -174,7 +245,7 @@ def plot_embedding(embedding: pd.DataFrame, class_names: Sequence[str], path: st
         sel = e[e[column] == value]
         label = value if column == 'Metadata_Source' else class_names[value]
         ax.scatter(sel['pc1'], sel['pc2'], s=4, alpha=0.6, color=cmap(k % 10), label=label)
-      ax.set_title(f"{METHOD_LABELS.get(m, m)}: by {'source' if i == 0 else 'class'} "
+      ax.set_title(f"{method_label(m)}: by {'source' if i == 0 else 'class'} "
                    f'(n={len(e)} images)', fontsize=9)
       ax.set_xlabel(f"PC1 ({e['pc1_var'].iloc[0]:.0%} of variance)")
       ax.set_ylabel(f"PC2 ({e['pc2_var'].iloc[0]:.0%} of variance)")

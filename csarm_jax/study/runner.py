@@ -1,10 +1,17 @@
-"""The reproduction study: methods x settings x test-time sweeps x folds x seeds.
+"""The reproduction study: methods x settings x test-time sweeps x benchmarks x folds x seeds.
 
-Methods that train identically (ERM, AdaBN and AdaBN with controls differ only at test time) share
-one trained model per (fold, seed); every test-time rule and sweep is an evaluation of a trained
-model, never a retraining. Each run trains in ``runs/<trainer>/fold<f>_seed<s>`` (resuming if
-interrupted) and each evaluation is cached as a JSON file beside it, so a killed study continues
-where it stopped. ``results.csv`` has one row per method x setting x sweep value x fold x seed.
+A *benchmark* is one store the study trains on (``Benchmark``): the main section's synthetic
+preset built with each of ``c.benchmark_seeds``, each variant of it (``c.benchmark_variants``, e.g.
+stronger technical effects, scored in the label-shift sweep only) and each extra section
+(``c.sections``: the same runner on an overridden experiment config, e.g. another model or a
+feature store). Methods that train identically (ERM, AdaBN and AdaBN with controls differ only at
+test time) share one trained model per (benchmark, fold, seed); test-time adaptation methods (TENT,
+DeYO, ROID) adapt the study's own model of their source method (``name@source``, default
+``c.tta_source``). Every test-time rule and sweep is an evaluation of a trained model, never a
+retraining. Each model trains in ``runs/<section>/<benchmark>/seed<b>/<trainer>/fold<f>_seed<s>``
+(resuming if interrupted) and each evaluation is cached as a JSON file beside it, so a killed study
+continues where it stopped. ``results.csv`` has one row per section x benchmark x benchmark seed x
+method x setting x sweep value x fold x seed.
 """
 from __future__ import annotations
 
@@ -19,15 +26,17 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
-from csarm_jax import methods
+from csarm_jax import methods, nested
 from csarm_jax.evaluation import metrics as metrics_lib
 from csarm_jax.evaluation import protocol
 from csarm_jax.training import cross_validation, experiment, loop
 from csarm_jax.evaluation.step import compiled_eval_step
 
-RESULT_COLUMNS = ('method', 'setting', 'sweep', 'sweep_value', 'fold', 'seed', 'num_perturbed',
-                  'num_controls', 'alpha', 'num_images', 'accuracy', 'balanced_accuracy',
-                  'macro_f1', 'well_accuracy')
+MAIN_SECTION, BASE = 'images', 'base'   # the main section; the benchmark without a variant
+SWEEPS = ('label_shift', 'perturbed', 'controls')
+RESULT_COLUMNS = ('section', 'benchmark', 'benchmark_seed', 'method', 'setting', 'sweep',
+                  'sweep_value', 'fold', 'seed', 'num_perturbed', 'num_controls', 'alpha',
+                  'num_images', 'accuracy', 'balanced_accuracy', 'macro_f1', 'well_accuracy')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +56,140 @@ class EvalSpec:
     return f'{self.setting}.{self.sweep}' + (f'={self.sweep_value}' if self.sweep_value else '')
 
 
+# Method fields that only decide how a trained model is used at test; every other field (and the
+# Method's type) may change what training produces, so a new field never shares a model by accident.
+TEST_ONLY_FIELDS = frozenset({'name', 'eval_controls', 'eval_norm', 'test_time'})
+
+
 def training_key(method: methods.Method) -> tuple:
   """Methods with equal keys train the same model."""
-  return (method.train_sampling, method.train_controls, method.running_stats,
-          method.statistics_from, method.objective)
+  return (type(method).__qualname__,) + tuple(
+      (f.name, repr(getattr(method, f.name))) for f in dataclasses.fields(method)
+      if f.name not in TEST_ONLY_FIELDS)
 
 
-def training_groups(names: list[str]) -> dict[str, list[str]]:
-  """{method that trains: [methods evaluated on its model]}, in the given order."""
-  groups: dict[tuple, list[str]] = {}
+def study_method(name: str, tta_source: str = 'erm') -> tuple[methods.Method, str | None]:
+  """(method, the training method whose model it adapts) of a study method name: a training
+  method ('cs_arm_bn': source None) or a test-time method, optionally naming its source
+  ('tent', 'tent@cs_arm_bn'; default ``tta_source``)."""
+  base, _, source = name.partition('@')
+  method = methods.get(base)
+  if method.trains:
+    if source:
+      raise ValueError(f'study method {name!r}: only a test-time method adapts a source (@...)')
+    return method, None
+  source = source or tta_source
+  if not methods.get(source).trains:
+    raise ValueError(f'study method {name!r}: its source {source!r} must be a training method')
+  return method, source
+
+
+def training_groups(names: list[str], tta_source: str = 'erm') -> dict[str, list[str]]:
+  """{method that trains: [study methods evaluated on its model]}, in the given order. A
+  test-time method's source trains its group, so the model adapted is the source's own."""
+  trainers: dict[tuple, str] = {}
+  members: dict[tuple, list[str]] = {}
+  adapted: dict[tuple, str] = {}
   for name in names:
-    groups.setdefault(training_key(methods.get(name)), []).append(name)
-  return {members[0]: members for members in groups.values()}
+    method, source = study_method(name, tta_source)
+    key = training_key(methods.get(source) if source else method)
+    if source and adapted.setdefault(key, source) != source:
+      raise ValueError(f'study methods adapt both {adapted[key]!r} and {source!r}, which train '
+                       f'the same model: adapt one of them')
+    trainers.setdefault(key, source or name)
+    members.setdefault(key, []).append(name)
+  return {adapted.get(k, trainers[k]): m for k, m in members.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """One store the study trains and scores on, and what it runs there."""
+  section: str                          # MAIN_SECTION or a c.sections name
+  variant: str                          # BASE or a c.benchmark_variants name
+  seed: int                             # benchmark seed (the synthetic store's seed)
+  experiment: ml_collections.ConfigDict   # the experiment config before method, fold and seed
+  methods: tuple[str, ...]
+  label_shift_alphas: tuple[float, ...] | None = None   # a variant: only these label-shift specs
+
+  def dir(self, workdir: str) -> str:
+    return os.path.join(workdir, 'runs', self.section, self.variant, f'seed{self.seed}')
+
+
+def _seed_store(experiment_config: ml_collections.ConfigDict, seed: int, variant: str):
+  """A copy of the experiment config on the synthetic store of benchmark seed ``seed``."""
+  cfg = ml_collections.ConfigDict(experiment_config.to_dict())
+  if cfg.synthetic.preset:
+    suffix = '' if variant == BASE else f'-{variant}'
+    cfg.store, cfg.synthetic.seed = f'{cfg.store}{suffix}-seed{seed}', int(seed)
+  return cfg
+
+
+# Free-form experiment config fields: overrides may add keys under them.
+FREE_FORM = ('model.options', 'tta.settings', 'synthetic.overrides')
+
+
+def _format(value: Any, fields: dict[str, Any]) -> Any:
+  if isinstance(value, (list, tuple)):
+    return type(value)(_format(v, fields) for v in value)
+  return value.format(**fields) if isinstance(value, str) else value
+
+
+def with_overrides(cfg: ml_collections.ConfigDict, overrides: Any,
+                   fields: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of ``cfg`` with ``overrides`` (nested, e.g. {'model': {'options': {'width': 8}}})
+  applied; '{name}' in string values is filled from ``fields`` (workdir, benchmark_seed, store).
+  An unknown field raises KeyError (new keys only under FREE_FORM fields)."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  if isinstance(overrides, ml_collections.ConfigDict):
+    overrides = overrides.to_dict()
+  for key, value in nested.flatten(overrides).items():
+    *parents, leaf = key.split('.')
+    target = cfg
+    for i, parent in enumerate(parents):
+      free = '.'.join(parents[:i]).startswith(FREE_FORM)
+      if parent not in target and free:
+        target[parent] = ml_collections.ConfigDict()
+      if not isinstance(target.get(parent), ml_collections.ConfigDict):
+        raise KeyError(f'override {key!r}: no such experiment config field')
+      target = target[parent]
+    if leaf not in target and not '.'.join(parents).startswith(FREE_FORM):
+      raise KeyError(f'override {key!r}: no such experiment config field')
+    target[leaf] = _format(value, fields)
+  return cfg
+
+
+def _applies(entry: ml_collections.ConfigDict, seed: int) -> bool:
+  """Whether a variant or section runs on benchmark seed ``seed`` (its benchmark_seeds; all)."""
+  seeds = entry.get('benchmark_seeds')
+  return seeds is None or seed in seeds
+
+
+def benchmarks(config: ml_collections.ConfigDict, workdir: str) -> list[Benchmark]:
+  """Every benchmark of the study, in the order it runs: per benchmark seed the main section,
+  its variants, then the extra sections (each variant or section on its ``benchmark_seeds``,
+  default all)."""
+  seeds = tuple(int(b) for b in config.get('benchmark_seeds', (0,)))
+  if not config.experiment.synthetic.preset and len(seeds) > 1:
+    raise ValueError('config.benchmark_seeds: a store that is not synthetic has one realisation')
+  out = []
+  for seed in seeds:
+    main = _seed_store(config.experiment, seed, BASE)
+    out.append(Benchmark(MAIN_SECTION, BASE, seed, main, tuple(config.methods)))
+    variants = config.get('benchmark_variants') if config.experiment.synthetic.preset else None
+    for name, v in (variants or {}).items():       # a store that is not synthetic has none
+      if _applies(v, seed):
+        cfg = with_overrides(_seed_store(config.experiment, seed, name),
+                             {'synthetic': {'overrides': v.synthetic.to_dict()}}, {})
+        out.append(Benchmark(MAIN_SECTION, name, seed, cfg, tuple(v.methods),
+                             tuple(float(a) for a in v.label_shift_alphas)))
+    fields = {'workdir': workdir, 'benchmark_seed': seed, 'store': main.store}
+    for name, section in (config.get('sections') or {}).items():
+      if name == MAIN_SECTION:
+        raise ValueError(f'config.sections: {MAIN_SECTION!r} is the main section')
+      if _applies(section, seed):
+        out.append(Benchmark(name, BASE, seed, with_overrides(main, section.overrides, fields),
+                             tuple(section.methods)))
+  return out
 
 
 def sweep_setting(config: ml_collections.ConfigDict) -> str:
@@ -69,18 +200,26 @@ def sweep_setting(config: ml_collections.ConfigDict) -> str:
   raise ValueError(f'config.sweeps.part: {config.sweeps.part!r} is not a part of config.settings')
 
 
-def eval_specs(config: ml_collections.ConfigDict, method: methods.Method) -> list[EvalSpec]:
-  """Every evaluation the study asks of one method (sweeps only where they apply)."""
-  specs = [EvalSpec(setting, part) for setting, part in config.settings.items()]
+def eval_specs(config: ml_collections.ConfigDict, method: methods.Method,
+               label_shift_alphas: tuple[float, ...] | None = None) -> list[EvalSpec]:
+  """Every evaluation the study asks of one method (sweeps only where they apply; a test-time
+  adaptation method only in ``config.sweeps.test_time``, default all); with
+  ``label_shift_alphas`` (a benchmark variant) only the sweep setting and those alphas."""
   s = config.sweeps
   setting = sweep_setting(config)
+  if label_shift_alphas is not None:
+    return [EvalSpec(setting, s.part)] + [
+        EvalSpec(sweep='label_shift', sweep_value=f'{a:g}', alpha=float(a), setting=setting,
+                 part=s.part) for a in label_shift_alphas]
+  specs = [EvalSpec(setting, part) for setting, part in config.settings.items()]
   common = dict(setting=setting, part=s.part, max_images_per_plate=s.max_images_per_plate)
-  for alpha in s.label_shift_alphas:
+  sweeps = SWEEPS if method.trains else tuple(s.get('test_time', SWEEPS))
+  for alpha in s.label_shift_alphas if 'label_shift' in sweeps else ():
     specs.append(EvalSpec(sweep='label_shift', sweep_value=f'{alpha:g}', alpha=float(alpha),
                           setting=setting, part=s.part))
-  for n in s.perturbed:
+  for n in s.perturbed if 'perturbed' in sweeps else ():
     specs.append(EvalSpec(sweep='perturbed', sweep_value=str(n), num_perturbed=int(n), **common))
-  if method.eval_controls:
+  if method.eval_controls and 'controls' in sweeps:
     for k in s.controls:
       if k == 0 and method.statistics_from == 'controls':
         continue                      # BEN's statistics come from the controls: K = 0 is undefined
@@ -88,15 +227,18 @@ def eval_specs(config: ml_collections.ConfigDict, method: methods.Method) -> lis
   return specs
 
 
-def trainer_dir(workdir: str, trainer: str, fold: int, seed: int) -> str:
-  """Where the model that ``trainer`` trains for (fold, seed) lives."""
-  return cross_validation.run_dir(os.path.join(workdir, 'runs', trainer), fold, seed)
+def trainer_dir(workdir: str, bench: Benchmark, trainer: str, fold: int, seed: int) -> str:
+  """Where the model that ``trainer`` trains for (fold, seed) on ``bench`` lives."""
+  return cross_validation.run_dir(os.path.join(bench.dir(workdir), trainer), fold, seed)
 
 
-def _run_config(config: ml_collections.ConfigDict, method: str, fold: int, seed: int):
-  cfg = ml_collections.ConfigDict(config.experiment.to_dict())
+def _run_config(experiment_config: ml_collections.ConfigDict, method: str, fold: int, seed: int,
+                source_dir: str | None = None):
+  cfg = ml_collections.ConfigDict(experiment_config.to_dict())
   cfg.method, cfg.split.fold, cfg.seed = method, int(fold), int(seed)
   cfg.eval.final_evaluation = False
+  if source_dir is not None:
+    cfg.tta.source = source_dir
   return cfg
 
 
@@ -121,14 +263,31 @@ def _evaluate(exp, eval_step, variables, spec: EvalSpec) -> dict[str, Any]:
                                                            'well_accuracy')}}
 
 
-def run_evaluations(config, method_name: str, run_dir: str, fold: int, seed: int) -> Iterator[dict]:
+def trainer_experiment(config, bench: Benchmark, trainer: str) -> ml_collections.ConfigDict:
+  """The experiment config of the model ``trainer`` trains on ``bench`` (and of every method
+  evaluated on it): the benchmark's, with ``config.method_overrides[trainer]`` (e.g. a smaller
+  ARM-CML context net for a quick study)."""
+  overrides = (config.get('method_overrides') or {}).get(trainer)
+  return with_overrides(bench.experiment, overrides, {}) if overrides else bench.experiment
+
+
+def _build(config, bench: Benchmark, trainer: str, name: str, run_dir: str, fold: int,
+           seed: int):
+  """The experiment of study method ``name`` on the model ``trainer`` trained in ``run_dir``."""
+  _, source = study_method(name, config.get('tta_source', 'erm'))
+  cfg = _run_config(trainer_experiment(config, bench, trainer), name.partition('@')[0], fold,
+                    seed, run_dir if source else None)
+  return experiment.build(cfg, run_dir)
+
+
+def run_evaluations(config, bench: Benchmark, trainer: str, method_name: str, run_dir: str,
+                    fold: int, seed: int) -> Iterator[dict]:
   """Rows for one method on one trained run; each evaluation cached in run_dir/study/."""
-  cfg = _run_config(config, method_name, fold, seed)
-  exp = experiment.build(cfg, run_dir)
+  exp = _build(config, bench, trainer, method_name, run_dir, fold, seed)
   cache_dir = os.path.join(run_dir, 'study', method_name)
   os.makedirs(cache_dir, exist_ok=True)
   variables = eval_step = None
-  for spec in eval_specs(config, exp.method):
+  for spec in eval_specs(config, exp.method, bench.label_shift_alphas):
     path = os.path.join(cache_dir, f'{spec.name}.json')
     if os.path.exists(path):
       with open(path) as f:
@@ -141,38 +300,49 @@ def run_evaluations(config, method_name: str, run_dir: str, fold: int, seed: int
       if jax.process_index() == 0:
         with open(path, 'w') as f:
           json.dump(result, f)
-    yield {'method': method_name, 'setting': spec.setting, 'sweep': spec.sweep,
+    yield {'section': bench.section, 'benchmark': bench.variant, 'benchmark_seed': bench.seed,
+           'method': method_name, 'setting': spec.setting, 'sweep': spec.sweep,
            'sweep_value': spec.sweep_value, 'fold': fold, 'seed': seed, **result}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame:
   """Trains what is missing, evaluates what is not cached, writes and returns results.csv."""
   os.makedirs(workdir, exist_ok=True)
-  folds = config.folds if config.folds is not None else range(
-      cross_validation.num_folds(config.experiment))
-  groups = training_groups(list(config.methods))
   rows = []
-  for fold in folds:
-    for seed in config.seeds:
-      for trainer, members in groups.items():
-        run_dir = trainer_dir(workdir, trainer, fold, seed)
-        if not os.path.exists(os.path.join(run_dir, 'results.json')):
-          logging.info('training %s fold %d seed %d in %s', trainer, fold, seed, run_dir)
-          loop.train_and_evaluate(_run_config(config, trainer, fold, seed), run_dir)
-        for method_name in members:
-          rows.extend(run_evaluations(config, method_name, run_dir, fold, seed))
-      results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-      results.to_csv(os.path.join(workdir, 'results.csv'), index=False)   # progress so far
+  for bench in benchmarks(config, workdir):
+    folds = config.folds if config.folds is not None else range(
+        cross_validation.num_folds(bench.experiment))
+    groups = training_groups(list(bench.methods), config.get('tta_source', 'erm'))
+    for fold in folds:
+      for seed in config.seeds:
+        for trainer, members in groups.items():
+          run_dir = trainer_dir(workdir, bench, trainer, fold, seed)
+          if not os.path.exists(os.path.join(run_dir, 'results.json')):
+            logging.info('training %s fold %d seed %d in %s', trainer, fold, seed, run_dir)
+            loop.train_and_evaluate(
+                _run_config(trainer_experiment(config, bench, trainer), trainer, fold, seed),
+                run_dir)
+          for method_name in members:
+            rows.extend(run_evaluations(config, bench, trainer, method_name, run_dir, fold, seed))
+        results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+        results.to_csv(os.path.join(workdir, 'results.csv'), index=False)   # progress so far
   return results
 
 
+def main_benchmark(config: ml_collections.ConfigDict, workdir: str, seed: int) -> Benchmark:
+  """The main section's benchmark of benchmark seed ``seed``."""
+  return next(b for b in benchmarks(config, workdir)
+              if (b.section, b.variant, b.seed) == (MAIN_SECTION, BASE, seed))
+
+
 def embedding_frame(config: ml_collections.ConfigDict, workdir: str, method_name: str,
-                    fold: int, seed: int) -> pd.DataFrame:
+                    fold: int, seed: int, benchmark_seed: int) -> pd.DataFrame:
   """Penultimate features of held-out images of every source, under a method's test-time rule."""
-  trainer = next(t for t, members in training_groups(list(config.methods)).items()
-                 if method_name in members)
-  run_dir = trainer_dir(workdir, trainer, fold, seed)
-  exp = experiment.build(_run_config(config, method_name, fold, seed), run_dir)
+  bench = main_benchmark(config, workdir, benchmark_seed)
+  trainer = next(t for t, members in training_groups(
+      list(config.methods), config.get('tta_source', 'erm')).items() if method_name in members)
+  run_dir = trainer_dir(workdir, bench, trainer, fold, seed)
+  exp = _build(config, bench, trainer, method_name, run_dir, fold, seed)
   variables = loop.restore_variables(exp, run_dir)
   eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh,
                                  with_features=True)

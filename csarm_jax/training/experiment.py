@@ -293,7 +293,8 @@ def build_synthetic(config: ml_collections.ConfigDict) -> None:
   from csarm_jax.data.synthetic import profiles
   s = config.synthetic
   images = synthetic_images_path(config)
-  synthetic.ensure(images, s.preset, seed=s.seed)
+  overrides = s.get('overrides') or ml_collections.ConfigDict()
+  synthetic.ensure(images, s.preset, seed=s.seed, **overrides.to_dict())
   if s.get('features'):
     try:
       profiles.ensure(config.store, images, level=s.features)

@@ -23,9 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Build the synthetic benchmark into `store` on first use when set (tiny | quickstart | large).
   # features: 'image' | 'well' -- `store` receives hand-crafted profiles of the benchmark's images
   # (csarm_jax.data.synthetic.profiles), whose images go to `images` (None: `store` + '_images').
-  # Both apply only with a preset.
+  # overrides: preset fields (nested), e.g. {'effects': {'strength': 1.3}} (make_synthetic.py's
+  # --effects.strength); a store built otherwise is refused, not reused. All apply only with a
+  # preset.
   c.synthetic = ml_collections.ConfigDict({
-      'preset': config_dict.placeholder(str), 'seed': 0,
+      'preset': config_dict.placeholder(str), 'seed': 0, 'overrides': {},
       'features': config_dict.placeholder(str), 'images': config_dict.placeholder(str)})
 
   c.model = ml_collections.ConfigDict({

@@ -1,10 +1,24 @@
 """The reproduction study (experiments/reproduce.py).
 
-  quick: the synthetic quickstart benchmark, small CNN, 3 seeds of one leave-one-source-out fold;
-         about 30 minutes on 2 CPU cores.
-  full:  the 'large' synthetic benchmark, ResNet-18, every leave-one-source-out fold x 3 seeds;
-         sized for one GPU/TPU host. On a real store (e.g. JUMP sources 3 and 8):
+  quick: the synthetic quickstart benchmark built with 3 benchmark seeds (one store each) x 1
+         training seed (more did not fit), one leave-one-source-out fold, small CNN, 4 epochs,
+         every method (TENT, DeYO, ROID adapt the study's ERM models), plus the effects-strength
+         1.3 variant (ARM-BN, CS-ARM-BN; balanced and alpha = 0.01). Expected about 39 minutes
+         on 2 idle CPU cores (+-25 %; max_epochs=3: about 34), leaving ~6-11 minutes of a
+         45-minute budget for further methods or sections.
+         Estimated, not run: process CPU seconds (user + sys) measured on the loaded 2-core
+         machine with the quickstart store: building it 61 s; train.py runs of 1 and 2 epochs
+         (ERM 38 / 59 s: 21 s per epoch; CS-ARM-BN 71 / 105 s: 35 s per epoch; ARM-CML with the
+         reference's 64-wide 5x5 context net 308 s for 2 epochs, hence the smaller net below,
+         taken as 2x (cs_arm_cml 3x) ERM's epoch); a TENT evaluation of 4 held-out parts 82 s
+         (~17 s per evaluation, mostly compiling; DeYO, ROID taken as 1.2x). Converted to idle
+         wall time with the factor (2.4 CPU s per s) that makes the same costs give the previous
+         quick study's measured 27 minutes (12 trainings of 10 epochs).
+  full:  the 'large' synthetic benchmark (3 benchmark seeds and the variant), ResNet-18, every
+         leave-one-source-out fold x 3 training seeds; sized for one GPU/TPU host. On a real
+         store (e.g. JUMP sources 3 and 8), which has one realisation and no variant:
          --config.experiment.store=PATH --config.experiment.synthetic.preset=''
+         --config.benchmark_seeds='(0,)'
 """
 import ml_collections
 from ml_collections import config_dict
@@ -12,7 +26,8 @@ from ml_collections import config_dict
 from configs import quickstart
 from configs.default import get_config as _default
 
-METHODS = ('erm', 'adabn', 'adabn_controls', 'ben', 'arm_bn', 'cs_arm_bn')
+METHODS = ('erm', 'adabn', 'adabn_controls', 'ben', 'arm_bn', 'cs_arm_bn', 'arm_cml',
+           'cs_arm_cml', 'tent', 'deyo', 'roid')
 
 
 def get_config(variant='quick'):
@@ -20,7 +35,28 @@ def get_config(variant='quick'):
     raise ValueError(f"variant must be 'quick' or 'full', got {variant!r}")
   c = ml_collections.ConfigDict()
   c.methods = METHODS
-  c.seeds = (0, 1, 2)
+  # Test-time methods (tent, deyo, roid) adapt the study's own model of this training method;
+  # 'tent@cs_arm_bn' names another source for one entry.
+  c.tta_source = 'erm'
+  # Experiment overrides (nested) of the model one method trains, and of every method evaluated
+  # on it: method that trains -> overrides.
+  c.method_overrides = {}
+  c.seeds = (0, 1, 2)                        # training seeds (parameters, training contexts)
+  # Benchmark seeds: each builds its own synthetic store (same preset; the store path gains
+  # '-seed<b>'), crossed with the training seeds. A non-synthetic store allows one.
+  c.benchmark_seeds = (0, 1, 2)
+  # Variants of the benchmark (a store per benchmark seed, its own trained models), scored on the
+  # sweep setting, balanced and under these label-shift alphas only (a store that is not synthetic
+  # has none): name -> {synthetic: preset overrides, methods, label_shift_alphas[,
+  # benchmark_seeds: a subset]}. Here: how the alpha = 0.01 result depends on the shift's size
+  # (make_synthetic.py --effects.strength=1.3), for the methods that result is about.
+  c.benchmark_variants = {'strength_1_3': {
+      'synthetic': {'effects': {'strength': 1.3}}, 'methods': ('arm_bn', 'cs_arm_bn'),
+      'label_shift_alphas': (0.01,)}}
+  # Extra sections: name -> {overrides: of c.experiment (nested; '{workdir}', '{benchmark_seed}',
+  # '{store}' (the main section's store of that seed) filled in string values), methods}; each runs
+  # the same study on its own experiment config, per benchmark seed (or its benchmark_seeds).
+  c.sections = {}
   c.folds = config_dict.placeholder(tuple)   # None: every fold of the split
   # display name of each setting -> the fold part scored for it (one trained model scores all)
   c.settings = {'in_domain': 'in_domain', 'unseen_batches': 'unseen_batches',
@@ -31,18 +67,29 @@ def get_config(variant='quick'):
       'perturbed': (1, 4, 16, 64),              # perturbed images per test context
       'controls': (0, 8, 32, 128),              # DMSO controls per test context
       'max_images_per_plate': 32,               # sweeps score a fixed subset of each plate
+      # the sweeps test-time adaptation methods (tent, deyo, roid) are scored in
+      'test_time': ('label_shift', 'perturbed', 'controls'),
   })
   c.embedding = ml_collections.ConfigDict({
-      'methods': ('erm', 'cs_arm_bn'), 'fold': 0, 'seed': 0,
+      'methods': ('erm', 'cs_arm_bn'), 'fold': 0, 'seed': 0, 'benchmark_seed': 0,
       'parts': ('test', 'in_domain', 'unseen_batches'), 'max_images_per_plate': 24})
   # c.experiment: the experiment config (as train.py takes) of every run, before the study sets
   # its method, fold and seed.
   if variant == 'quick':
     c.folds = (0,)
+    c.seeds = (0,)
     c.experiment = quickstart.get_config()
     c.experiment.split.update(validation_fraction=0.15, unseen_batches_fraction=0.2,
                               in_domain_fraction=0.1)
-    c.experiment.train.max_epochs = 10
+    # 4 epochs (80 updates; the previous quick study trained 10) and the cheaper choices below
+    # are what keeps the 3 benchmarks x 11 methods + variant near the time in the docstring.
+    c.experiment.train.max_epochs = 4
+    # ARM-CML's context net at the backbone's width with 3x3 kernels (the reference: 64, 5x5,
+    # which costs ~5x an ERM training here); test-time methods adapt one step per batch (their
+    # default) and are scored in the settings and the label-shift sweep only.
+    c.method_overrides = {m: {'model': {'options': {'context_hidden': 16, 'context_kernel': 3}}}
+                          for m in ('arm_cml', 'cs_arm_cml')}
+    c.sweeps.test_time = ('label_shift',)
   else:
     c.experiment = _default()
     c.experiment.store = 'data/large'
