@@ -148,7 +148,7 @@ def test_nan_loss_stops_with_a_saved_checkpoint(store_path, tmp_path):
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('method', 'dann', "config.method: unknown method 'dann'"),
+    ('method', 'mmd', "config.method: unknown method 'mmd'"),
     ('model.name', 'vit', "config.model.name: unknown model 'vit'"),
     ('store', '/nonexistent/store', 'config.store:'),
     ('split.fold', 7, 'config.split.fold: 7 is out of range'),
