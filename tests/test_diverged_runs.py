@@ -36,10 +36,11 @@ BODIES = {
                                  "  c = reproduce.get_config('quick')\n"
                                  '  c.experiment, c.methods, c.seeds = experiment(), '
                                  "['cs_arm_bn'], [0]\n"
+                                 '  c.benchmark_seeds = (0,)  # a fixture store: one realisation\n'
                                  '  return c'),
 }
 RUN_DIR = {'experiments/train.py': '', 'experiments/cross_validate.py': 'fold0_seed0',
-           'experiments/reproduce.py': 'runs/cs_arm_bn/fold0_seed0'}
+           'experiments/reproduce.py': 'runs/images/base/seed0/cs_arm_bn/fold0_seed0'}
 EXTRA = {'experiments/cross_validate.py': ['--folds=0', '--seeds=0']}
 
 
