@@ -380,7 +380,10 @@ def test_main_readme_commands_run_on_the_tiny_store(sandbox, store_path, monkeyp
                  '--config.sweeps.controls=4', '--config.sweeps.max_images_per_plate=4',
                  '--config.embedding.methods=cs_arm_bn',
                  '--config.embedding.max_images_per_plate=4',
-                 '--config.experiment.split.unseen_batches_fraction=0.3']
+                 '--config.experiment.split.unseen_batches_fraction=0.3',
+                 "--config.benchmark_seeds=(0,)"] + [   # a fixture store: one realisation, and
+                 f"--config.sections.{name}.benchmark_seeds=()"   # no sections of the synthetic
+                 for name in ('profiles', 'embeddings', 'embeddings_tvn')]       # benchmark
   reproduce = _first(commands, 'reproduce.py')
   _run(reproduce, _tiny_flags(store_path, 'config.experiment') + study_flags, monkeypatch)
   results = pd.read_csv(os.path.join(_flag(reproduce, 'workdir'), 'results.csv'))

@@ -106,6 +106,11 @@ def test_section_overrides_fill_placeholders_and_refuse_unknown_fields(store_pat
   assert cfg.store == '/s-seed3/features' and cfg.tta.source == '/w/runs/b3'
   assert cfg.model.options.width == 8 and cfg.model.options.hidden == 5    # free-form options
   assert base.model.options.width == 4                                      # a copy
+  alone = study.with_overrides(base, {'model': {'options': {'hidden': 5}}}, fields)
+  assert alone.model.options.to_dict() == {'hidden': 5}     # replaced whole: no width carried over
+  per_run = study.with_overrides(base, {'tta': {'source': '{workdir}/f{fold}_s{seed}'}}, fields)
+  assert per_run.tta.source == '/w/f{fold}_s{seed}'          # filled per run, by _run_config:
+  assert study._run_config(per_run, 'erm', fold=2, seed=1).tta.source == '/w/f2_s1'
   with pytest.raises(KeyError, match="'model.widht'"):
     study.with_overrides(base, {'model': {'widht': 8}}, fields)
 
@@ -165,7 +170,7 @@ def smoke(tmp_path_factory):
   config.sections = {'wide': {'overrides': {'model': {'options': {'width': 8}},
                                             'store': '{store}'},
                               'methods': ['erm'], 'benchmark_seeds': [1]}}
-  config.method_overrides = {'arm_cml': {'model': {'options': {'context_hidden': 6}}}}
+  config.method_overrides = {'arm_cml': {'model': {'options': {'width': 4, 'context_hidden': 6}}}}
   config.sweeps.update(label_shift_alphas=[0.01], perturbed=[1, 4], controls=[0, 4],
                        max_images_per_plate=4)
   config.embedding.max_images_per_plate = 4

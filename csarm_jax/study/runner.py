@@ -33,6 +33,8 @@ from csarm_jax.training import cross_validation, experiment, loop
 from csarm_jax.evaluation.step import compiled_eval_step
 
 MAIN_SECTION, BASE = 'images', 'base'   # the main section; the benchmark without a variant
+# Placeholders a section's overrides may hold that only a run knows: filled per (fold, seed).
+RUN_FIELDS = ('fold', 'seed')
 SWEEPS = ('label_shift', 'perturbed', 'controls')
 RESULT_COLUMNS = ('section', 'benchmark', 'benchmark_seed', 'method', 'setting', 'sweep',
                   'sweep_value', 'fold', 'seed', 'num_perturbed', 'num_controls', 'alpha',
@@ -134,14 +136,35 @@ def _format(value: Any, fields: dict[str, Any]) -> Any:
   return value.format(**fields) if isinstance(value, str) else value
 
 
+def _fill_run_fields(value: Any, values: dict[str, int]) -> Any:
+  if isinstance(value, dict):
+    return {k: _fill_run_fields(v, values) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return type(value)(_fill_run_fields(v, values) for v in value)
+  if isinstance(value, str):
+    for name, v in values.items():
+      value = value.replace('{' + name + '}', str(v))
+  return value
+
+
 def with_overrides(cfg: ml_collections.ConfigDict, overrides: Any,
                    fields: dict[str, Any]) -> ml_collections.ConfigDict:
   """A copy of ``cfg`` with ``overrides`` (nested, e.g. {'model': {'options': {'width': 8}}})
-  applied; '{name}' in string values is filled from ``fields`` (workdir, benchmark_seed, store).
-  An unknown field raises KeyError (new keys only under FREE_FORM fields)."""
+  applied; '{name}' in string values is filled from ``fields`` (workdir, benchmark_seed, store;
+  a section's '{fold}' and '{seed}' (training seed) stay for ``_run_config`` to fill per run).
+  An unknown field raises KeyError (new keys only under FREE_FORM fields). A FREE_FORM field in
+  ``overrides`` replaces the config's as a whole: one model's options do not carry over to
+  another model."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   if isinstance(overrides, ml_collections.ConfigDict):
     overrides = overrides.to_dict()
+  for field in FREE_FORM:
+    *parents, leaf = field.split('.')
+    given, target = overrides, cfg
+    for parent in parents:
+      given, target = (given or {}).get(parent), target[parent]
+    if isinstance(given, dict) and leaf in given:
+      target[leaf] = ml_collections.ConfigDict()
   for key, value in nested.flatten(overrides).items():
     *parents, leaf = key.split('.')
     target = cfg
@@ -154,7 +177,7 @@ def with_overrides(cfg: ml_collections.ConfigDict, overrides: Any,
       target = target[parent]
     if leaf not in target and not '.'.join(parents).startswith(FREE_FORM):
       raise KeyError(f'override {key!r}: no such experiment config field')
-    target[leaf] = _format(value, fields)
+    target[leaf] = _format(value, {**{name: '{' + name + '}' for name in RUN_FIELDS}, **fields})
   return cfg
 
 
@@ -234,7 +257,8 @@ def trainer_dir(workdir: str, bench: Benchmark, trainer: str, fold: int, seed: i
 
 def _run_config(experiment_config: ml_collections.ConfigDict, method: str, fold: int, seed: int,
                 source_dir: str | None = None):
-  cfg = ml_collections.ConfigDict(experiment_config.to_dict())
+  cfg = ml_collections.ConfigDict(_fill_run_fields(experiment_config.to_dict(),
+                                                   {'fold': int(fold), 'seed': int(seed)}))
   cfg.method, cfg.split.fold, cfg.seed = method, int(fold), int(seed)
   cfg.eval.final_evaluation = False
   if source_dir is not None:

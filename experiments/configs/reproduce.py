@@ -27,7 +27,31 @@ from configs import quickstart
 from configs.default import get_config as _default
 
 METHODS = ('erm', 'adabn', 'adabn_controls', 'ben', 'arm_bn', 'cs_arm_bn', 'arm_cml',
-           'cs_arm_cml', 'tent', 'deyo', 'roid')
+           'cs_arm_cml', 'tent', 'deyo', 'roid', 'dann', 'coral')
+# Sections on features instead of images ('{store}': the main section's store of the benchmark
+# seed; '{fold}', '{seed}': the run's). Profiles + MLP: hand-crafted well profiles of the same
+# images (configs/profiles.py's recipe, one context setting for every method: 4 contexts of 32
+# wells per update). Embeddings (+ TVN): penultimate features of the study's own ERM model of the
+# same fold and training seed (trained on the training labs only), a linear classifier on top.
+PROFILES = {'store': '{store}-profiles',
+            'synthetic': {'features': 'well', 'images': '{store}'},
+            'model': {'name': 'mlp', 'dtype': 'float32', 'options': {
+                'hidden': 512, 'num_layers': 2, 'dropout': 0.2, 'input_norm': True}},
+            'data': {'num_perturbed': 32, 'num_controls': 16, 'contexts_per_step': 4,
+                     'too_few': 'pad'},
+            'eval': {'num_perturbed': 32, 'num_controls': 16},
+            'train': {'max_epochs': 60, 'patience': 10}}
+
+
+def embeddings(tvn: bool) -> dict:
+  """Overrides of the embeddings section, with or without TVN (per plate, all plates' controls)."""
+  return {'store': '{workdir}/embeddings/seed{benchmark_seed}/fold{fold}_seed{seed}',
+          'synthetic': {'preset': None},
+          'features': {'from_run': '{workdir}/runs/images/base/seed{benchmark_seed}/erm/'
+                                   'fold{fold}_seed{seed}', 'images': '{store}'},
+          'model': {'name': 'linear', 'options': {}},
+          'data': {'tvn': {'enabled': tvn, 'domain': 'plate', 'fit_on': 'all'}},
+          'train': {'max_epochs': 30, 'patience': 10}}
 
 
 def get_config(variant='quick'):
@@ -87,9 +111,20 @@ def get_config(variant='quick'):
     # ARM-CML's context net at the backbone's width with 3x3 kernels (the reference: 64, 5x5,
     # which costs ~5x an ERM training here); test-time methods adapt one step per batch (their
     # default) and are scored in the settings and the label-shift sweep only.
-    c.method_overrides = {m: {'model': {'options': {'context_hidden': 16, 'context_kernel': 3}}}
+    c.method_overrides = {m: {'model': {'options': {'width': 16, 'context_hidden': 16,
+                                                    'context_kernel': 3}}}
                           for m in ('arm_cml', 'cs_arm_cml')}
     c.sweeps.test_time = ('label_shift',)
+    # Every benchmark seed (a real store: --config.sections.profiles.benchmark_seeds='()' drops
+    # the synthetic-only profiles section).
+    c.sections = {
+        'profiles': {'overrides': PROFILES, 'methods': ('erm', 'adabn', 'cs_arm_bn'),
+                     'benchmark_seeds': c.benchmark_seeds},
+        'embeddings': {'overrides': embeddings(tvn=False), 'methods': ('erm',),
+                       'benchmark_seeds': c.benchmark_seeds},
+        'embeddings_tvn': {'overrides': embeddings(tvn=True), 'methods': ('erm',),
+                           'benchmark_seeds': c.benchmark_seeds},
+    }
   else:
     c.experiment = _default()
     c.experiment.store = 'data/large'
