@@ -33,6 +33,9 @@ from csarm_jax.study import runner as study
 from csarm_jax.training import experiment
 from run_fixture import tiny_config
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
+from configs import reproduce as reproduce_config  # noqa: E402
+
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), '..'))
 ENTRY_DIRS = ('experiments', 'data_prep')
 SOURCE_DIRS = ('csarm_jax', 'data_prep', 'docs', 'experiments', 'tests')   # paths in the repo
@@ -382,8 +385,8 @@ def test_main_readme_commands_run_on_the_tiny_store(sandbox, store_path, monkeyp
                  '--config.embedding.max_images_per_plate=4',
                  '--config.experiment.split.unseen_batches_fraction=0.3',
                  "--config.benchmark_seeds=(0,)"] + [   # a fixture store: one realisation, and
-                 f"--config.sections.{name}.benchmark_seeds=()"   # no sections of the synthetic
-                 for name in ('profiles', 'embeddings', 'embeddings_tvn')]       # benchmark
+                 f"--config.sections.{name}.benchmark_seeds=()"     # the main section alone
+                 for name in reproduce_config.get_config('quick').sections]
   reproduce = _first(commands, 'reproduce.py')
   _run(reproduce, _tiny_flags(store_path, 'config.experiment') + study_flags, monkeypatch)
   results = pd.read_csv(os.path.join(_flag(reproduce, 'workdir'), 'results.csv'))

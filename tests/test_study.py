@@ -64,8 +64,9 @@ def test_both_study_variants_are_valid_configs():
 def test_training_groups_share_a_model_where_only_the_test_rule_differs():
   groups = study.training_groups(reproduce.METHODS)
   assert groups == {'erm': ['erm', 'adabn', 'adabn_controls', 'tent', 'deyo', 'roid'],
-                    'ben': ['ben'], 'arm_bn': ['arm_bn'], 'cs_arm_bn': ['cs_arm_bn'],
-                    'arm_cml': ['arm_cml'], 'cs_arm_cml': ['cs_arm_cml']}
+                    'ben': ['ben'], 'arm_bn': ['arm_bn', 'arm_bn_controls'],
+                    'cs_arm_bn': ['cs_arm_bn'], 'arm_cml': ['arm_cml'],
+                    'cs_arm_cml': ['cs_arm_cml'], 'dann': ['dann'], 'coral': ['coral']}
   # a test-time method's source trains its group, whatever is listed first
   assert study.training_groups(['adabn', 'tent@cs_arm_bn', 'deyo', 'cs_arm_bn']) == {
       'erm': ['adabn', 'deyo'], 'cs_arm_bn': ['tent@cs_arm_bn', 'cs_arm_bn']}

@@ -18,6 +18,7 @@ from run_fixture import tiny_config
 
 # The rows whose statistics normalise a plate's images at test; None: ERM's running averages.
 RULES = {'erm': None, 'adabn': 'perturbed', 'arm_bn': 'perturbed', 'adabn_controls': 'all',
+         'arm_bn_controls': 'all',
          'cs_arm_bn': 'all', 'ben': 'controls'}
 
 

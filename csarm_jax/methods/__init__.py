@@ -2,7 +2,7 @@
 import dataclasses
 
 from csarm_jax.methods.adabn import ADABN, ADABN_CONTROLS
-from csarm_jax.methods.arm_bn import ARM_BN
+from csarm_jax.methods.arm_bn import ARM_BN, ARM_BN_CONTROLS
 from csarm_jax.methods.arm_cml import ARM_CML, CS_ARM_CML
 from csarm_jax.methods.base import Method, labelled_cross_entropy
 from csarm_jax.methods.ben import BEN
@@ -11,8 +11,8 @@ from csarm_jax.methods.domain import CORAL_METHOD as CORAL, DANN_METHOD as DANN
 from csarm_jax.methods.erm import ERM
 from csarm_jax.methods.tta import DEYO, ROID, TENT, from_source
 
-METHODS = {m.name: m for m in (ERM, ADABN, ADABN_CONTROLS, ARM_BN, CS_ARM_BN, BEN, ARM_CML,
-                               CS_ARM_CML, TENT, DEYO, ROID, DANN, CORAL)}
+METHODS = {m.name: m for m in (ERM, ADABN, ADABN_CONTROLS, ARM_BN, ARM_BN_CONTROLS, CS_ARM_BN,
+                               BEN, ARM_CML, CS_ARM_CML, TENT, DEYO, ROID, DANN, CORAL)}
 OPTIONS = {'statistics_gradient'}   # fields a config may set (config.method_options)
 
 

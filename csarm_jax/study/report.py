@@ -21,8 +21,10 @@ SETTING_ORDER = ('in_domain', 'unseen_batches', 'unseen_source')
 SETTING_LABELS = {'in_domain': 'unseen plates (in-domain)', 'unseen_batches': 'unseen batches',
                   'unseen_source': 'unseen source (cross-lab)'}
 METHOD_LABELS = {'erm': 'ERM', 'adabn': 'AdaBN', 'adabn_controls': 'AdaBN + controls', 'ben': 'BEN',
-                 'arm_bn': 'ARM-BN', 'cs_arm_bn': 'CS-ARM-BN', 'arm_cml': 'ARM-CML',
-                 'cs_arm_cml': 'CS-ARM-CML', 'tent': 'TENT', 'deyo': 'DeYO', 'roid': 'ROID'}
+                 'arm_bn': 'ARM-BN', 'arm_bn_controls': 'ARM-BN + test controls',
+                 'cs_arm_bn': 'CS-ARM-BN', 'arm_cml': 'ARM-CML', 'cs_arm_cml': 'CS-ARM-CML',
+                 'tent': 'TENT', 'deyo': 'DeYO', 'roid': 'ROID', 'dann': 'DANN',
+                 'coral': 'Deep CORAL'}
 METHOD_COLORS = dict(zip(METHOD_LABELS, plt.get_cmap('tab20').colors))   # one colour per method
 KEYS = ['method', 'setting', 'sweep', 'sweep_value']
 

@@ -26,8 +26,14 @@ from ml_collections import config_dict
 from configs import quickstart
 from configs.default import get_config as _default
 
-METHODS = ('erm', 'adabn', 'adabn_controls', 'ben', 'arm_bn', 'cs_arm_bn', 'arm_cml',
-           'cs_arm_cml', 'tent', 'deyo', 'roid', 'dann', 'coral')
+METHODS = ('erm', 'adabn', 'adabn_controls', 'ben', 'arm_bn', 'arm_bn_controls', 'cs_arm_bn',
+           'arm_cml', 'cs_arm_cml', 'tent', 'deyo', 'roid', 'dann', 'coral')
+# Training-time controls (K per training context): CS-ARM-BN trained with each K here, scored at
+# the default test K and along the test-time controls sweep. The main section holds the rest:
+# cs_arm_bn trains with data.num_controls (64 in quick), K = 0 is arm_bn, and arm_bn_controls
+# (ARM-BN's model tested with controls) asks whether controls are needed in training or only at
+# test.
+TRAIN_CONTROLS = (32, 128)
 # Sections on features instead of images ('{store}': the main section's store of the benchmark
 # seed; '{fold}', '{seed}': the run's). Profiles + MLP: hand-crafted well profiles of the same
 # images (configs/profiles.py's recipe, one context setting for every method: 4 contexts of 32
@@ -118,6 +124,9 @@ def get_config(variant='quick'):
     # Every benchmark seed (a real store: --config.sections.profiles.benchmark_seeds='()' drops
     # the synthetic-only profiles section).
     c.sections = {
+        **{f'train_controls_{k}': {'overrides': {'data': {'num_controls': k}},
+                                   'methods': ('cs_arm_bn',), 'benchmark_seeds': (0,)}
+           for k in TRAIN_CONTROLS},
         'profiles': {'overrides': PROFILES, 'methods': ('erm', 'adabn', 'cs_arm_bn'),
                      'benchmark_seeds': c.benchmark_seeds},
         'embeddings': {'overrides': embeddings(tvn=False), 'methods': ('erm',),
