@@ -11,7 +11,8 @@ from ml_collections import config_dict
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | cs_arm_bn | ben |
+  c.method = 'cs_arm_bn'            # erm | adabn | adabn_controls | arm_bn | arm_bn_controls |
+                                    # cs_arm_bn | ben |
                                     # arm_cml | cs_arm_cml | tent | deyo | roid (see c.tta) |
                                     # dann | coral (see c.domain)
   # Method fields a run may change. statistics_gradient: whether training gradients flow through

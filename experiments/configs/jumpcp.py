@@ -17,11 +17,11 @@ reference's default data config.
   python experiments/train.py --config=experiments/configs/jumpcp.py:cs_arm_bn,new_plates \
       --config.store=PATH_OR_URL --config.split.fold=3 --workdir=runs/jumpcp_plates3
 
-The optional variant after ':' names the method (erm, adabn, adabn_controls, arm_bn, cs_arm_bn, ben,
-arm_cml, cs_arm_cml, dann, coral; default cs_arm_bn), optionally followed by ',' and the setting.
-DANN and Deep CORAL take their domains and transductive mode from config.domain. tent, deyo and
-roid adapt the model of a finished run at test time, episodic per plate with the reference's
-settings (csarm_jax.tta):
+The optional variant after ':' names the method (erm, adabn, adabn_controls, arm_bn,
+arm_bn_controls (ARM-BN tested with controls), cs_arm_bn, ben, arm_cml, cs_arm_cml, dann, coral;
+default cs_arm_bn), optionally followed by ',' and the setting. DANN and Deep CORAL take their
+domains and transductive mode from config.domain. tent, deyo and roid adapt the model of a
+finished run at test time, episodic per plate with the reference's settings (csarm_jax.tta):
 
   python experiments/train.py --config=experiments/configs/jumpcp.py:roid \
       --config.store=PATH_OR_URL --config.split.fold=0 --config.tta.source=runs/jumpcp_erm_fold0 \

@@ -6,9 +6,9 @@ held-out plates of the training labs (in-domain). Trains and evaluates in minute
   python experiments/train.py --config=experiments/configs/quickstart.py --workdir=runs/quickstart
   python experiments/train.py --config=experiments/configs/quickstart.py:erm --workdir=runs/qs_erm
 
-The optional variant after ':' names the method (erm, adabn, adabn_controls, arm_bn, cs_arm_bn,
-ben, arm_cml, cs_arm_cml, dann, coral -- see config.domain; tent, deyo, roid adapt a finished run:
-add --config.tta.source=runs/qs_erm).
+The optional variant after ':' names the method (erm, adabn, adabn_controls, arm_bn,
+arm_bn_controls, cs_arm_bn, ben, arm_cml, cs_arm_cml, dann, coral -- see config.domain; tent,
+deyo, roid adapt a finished run: add --config.tta.source=runs/qs_erm).
 """
 from configs.default import get_config as _default
 
