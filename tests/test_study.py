@@ -54,6 +54,11 @@ def test_both_study_variants_are_valid_configs():
   assert {s.sweep for s in study.eval_specs(reproduce.get_config('full'), methods.TENT)} == {
       'none', 'label_shift', 'perturbed'}                      # no controls in TENT's contexts
   assert len(quick.benchmark_seeds) >= 3 and set(reproduce.METHODS) <= set(quick.methods)
+  main = {b.seed: set(b.methods) for b in study.benchmarks(quick, 'w') if b.section == 'images'
+          and b.variant == 'base'}
+  assert main[0] == set(quick.methods)                       # method_benchmark_seeds: these
+  assert main[1] == main[2] == set(quick.methods) - {'arm_cml', 'cs_arm_cml', 'tent', 'deyo',
+                                                     'roid'}  # on benchmark 0 only
   variant = study.benchmarks(quick, 'w')[1]
   assert variant.variant == 'strength_1_3' and variant.label_shift_alphas == (0.01,)
   assert variant.experiment.synthetic.overrides.effects.strength == 1.3

@@ -197,7 +197,9 @@ def benchmarks(config: ml_collections.ConfigDict, workdir: str) -> list[Benchmar
   out = []
   for seed in seeds:
     main = _seed_store(config.experiment, seed, BASE)
-    out.append(Benchmark(MAIN_SECTION, BASE, seed, main, tuple(config.methods)))
+    only = config.get('method_benchmark_seeds') or {}       # method -> its benchmark seeds
+    out.append(Benchmark(MAIN_SECTION, BASE, seed, main, tuple(
+        m for m in config.methods if m not in only or seed in only[m])))
     variants = config.get('benchmark_variants') if config.experiment.synthetic.preset else None
     for name, v in (variants or {}).items():       # a store that is not synthetic has none
       if _applies(v, seed):
