@@ -155,7 +155,7 @@ STRONG = {'effects': {'strength': 1.3}}
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
   """The study on synthetic `tiny` stores of two benchmark seeds: ERM, CS-ARM-BN and TENT (from
-  the ERM model); ARM-CML on a stronger-effects variant of benchmark 0 (label shift only); a
+  the ERM model, on benchmark 0 only); ARM-CML on a stronger-effects variant of benchmark 0 (label shift only); a
   'wide' section (the same store, a wider model) on benchmark 1."""
   root = tmp_path_factory.mktemp('tiny')
   for path, seed, overrides in ((root / 'b-seed0', 0, {}), (root / 'b-seed1', 1, {}),
@@ -193,7 +193,8 @@ def test_study_writes_one_row_per_evaluation(smoke):
   # erm: 3 settings + 1 alpha + 2 context sizes; cs_arm_bn also sweeps 2 control counts; tent
   # (quick: sweeps.test_time = label shift) 3 settings + 1 alpha; the variant: balanced + 1 alpha
   main = {('images', 'base', b, m): n for b in (0, 1)
-          for m, n in (('erm', 6), ('cs_arm_bn', 8), ('tent', 4))}
+          for m, n in (('erm', 6), ('cs_arm_bn', 8), ('tent', 4))
+          if (m, b) != ('tent', 1)}         # quick's method_benchmark_seeds: TENT on 0 only
   assert per == {**main, ('images', 'strong', 0, 'arm_cml'): 2, ('wide', 'base', 1, 'erm'): 6}
   assert set(saved['setting']) == {'in_domain', 'unseen_batches', 'unseen_source'}
   assert saved['accuracy'].between(0, 1).all()
