@@ -52,7 +52,7 @@ PROFILES = {'store': '{store}-profiles',
 def embeddings(tvn: bool) -> dict:
   """Overrides of the embeddings section, with or without TVN (per plate, all plates' controls)."""
   return {'store': '{workdir}/embeddings/seed{benchmark_seed}/fold{fold}_seed{seed}',
-          'synthetic': {'preset': None},
+          'synthetic': {'preset': ''},             # a feature store: nothing to build
           'features': {'from_run': '{workdir}/runs/images/base/seed{benchmark_seed}/erm/'
                                    'fold{fold}_seed{seed}', 'images': '{store}'},
           'model': {'name': 'linear', 'options': {}},
