@@ -155,8 +155,8 @@ STRONG = {'effects': {'strength': 1.3}}
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
   """The study on synthetic `tiny` stores of two benchmark seeds: ERM, CS-ARM-BN and TENT (from
-  the ERM model, on benchmark 0 only); ARM-CML on a stronger-effects variant of benchmark 0 (label shift only); a
-  'wide' section (the same store, a wider model) on benchmark 1."""
+  the ERM model, on benchmark 0 only); ARM-CML on a stronger-effects variant of benchmark 0
+  (label shift only); a 'wide' section (the same store, a wider model) on benchmark 1."""
   root = tmp_path_factory.mktemp('tiny')
   for path, seed, overrides in ((root / 'b-seed0', 0, {}), (root / 'b-seed1', 1, {}),
                                 (root / 'b-strong-seed0', 0, STRONG)):
