@@ -183,7 +183,7 @@ def plot_settings(results: pd.DataFrame, path: str) -> None:
   agg = aggregate(results)
   agg = agg[agg['sweep'] == 'none']
   settings = [s for s in SETTING_ORDER if s in set(agg['setting'])]
-  fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+  fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
   width = 0.8 / len(methods)
   for i, m in enumerate(methods):
     rows = agg[agg['method'] == m].set_index('setting').reindex(settings)
@@ -194,7 +194,8 @@ def plot_settings(results: pd.DataFrame, path: str) -> None:
   ax.set_ylabel('accuracy (fraction of images)')
   ax.set_ylim(0, 1)
   ax.set_title(f'Accuracy by setting; mean ± std over {_runs_note(results)}', fontsize=9)
-  ax.legend(fontsize=7, ncol=3, loc='lower left')
+  ax.legend(fontsize=7, ncol=1 + len(methods) // 16, loc='upper left',
+            bbox_to_anchor=(1.01, 1.0))             # beside the axes: never over a bar
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

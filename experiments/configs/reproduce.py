@@ -1,24 +1,22 @@
 """The reproduction study (experiments/reproduce.py).
 
   quick: the synthetic quickstart benchmark built with 3 benchmark seeds (one store each) x 1
-         training seed (more did not fit), one leave-one-source-out fold, small CNN, 4 epochs,
-         every method (TENT, DeYO, ROID adapt the study's ERM models), plus the effects-strength
-         1.3 variant (ARM-BN, CS-ARM-BN; balanced and alpha = 0.01). Expected about 39 minutes
-         on 2 idle CPU cores (+-25 %; max_epochs=3: about 34), leaving ~6-11 minutes of a
-         45-minute budget for further methods or sections.
-         Estimated, not run: process CPU seconds (user + sys) measured on the loaded 2-core
-         machine with the quickstart store: building it 61 s; train.py runs of 1 and 2 epochs
-         (ERM 38 / 59 s: 21 s per epoch; CS-ARM-BN 71 / 105 s: 35 s per epoch; ARM-CML with the
-         reference's 64-wide 5x5 context net 308 s for 2 epochs, hence the smaller net below,
-         taken as 2x (cs_arm_cml 3x) ERM's epoch); a TENT evaluation of 4 held-out parts 82 s
-         (~17 s per evaluation, mostly compiling; DeYO, ROID taken as 1.2x). Converted to idle
-         wall time with the factor (2.4 CPU s per s) that makes the same costs give the previous
-         quick study's measured 27 minutes (12 trainings of 10 epochs).
+         training seed, one leave-one-source-out fold, small CNN, 4 epochs (80 updates). On
+         every benchmark: ERM, AdaBN (+ controls), BEN, ARM-BN (+ test controls), CS-ARM-BN,
+         DANN, Deep CORAL and the effects-strength 1.3 variant (ARM-BN, CS-ARM-BN; balanced and
+         alpha = 0.01). On benchmark 0 only: ARM-CML, CS-ARM-CML, TENT, DeYO, ROID (adapting
+         the ERM model) and the sections (profiles + MLP, embeddings of the ERM model with and
+         without TVN, CS-ARM-BN trained with K = 32 and 128 controls).
+         Measured (2 CPU cores, 2026-12-03): about 60 minutes idle -- benchmark 0 about 33
+         (the ERM model's 6 methods 10.5, test-time adaptation ~7 of them; the sections 6),
+         benchmarks 1 and 2 about 12 each. That is over the 45 minutes aimed for; dropping
+         the test-time methods (--config.methods without tent, deyo, roid) saves ~7.
   full:  the 'large' synthetic benchmark (3 benchmark seeds and the variant), ResNet-18, every
          leave-one-source-out fold x 3 training seeds; sized for one GPU/TPU host. On a real
          store (e.g. JUMP sources 3 and 8), which has one realisation and no variant:
          --config.experiment.store=PATH --config.experiment.synthetic.preset=''
-         --config.benchmark_seeds='(0,)'
+         --config.benchmark_seeds='(0,)' (with quick's sections, also
+         --config.sections.profiles.benchmark_seeds='()': profiles are built from synthetic images)
 """
 import ml_collections
 from ml_collections import config_dict
