@@ -58,7 +58,7 @@ def test_both_study_variants_are_valid_configs():
           and b.variant == 'base'}
   assert main[0] == set(quick.methods)                       # method_benchmark_seeds: these
   assert main[1] == main[2] == set(quick.methods) - {'arm_cml', 'cs_arm_cml', 'tent', 'deyo',
-                                                     'roid'}  # on benchmark 0 only
+                                                     'roid', 'tent@cs_arm_bn'}   # on 0 only
   variant = study.benchmarks(quick, 'w')[1]
   assert variant.variant == 'strength_1_3' and variant.label_shift_alphas == (0.01,)
   assert variant.experiment.synthetic.overrides.effects.strength == 1.3

@@ -5,12 +5,14 @@
          every benchmark: ERM, AdaBN (+ controls), BEN, ARM-BN (+ test controls), CS-ARM-BN,
          DANN, Deep CORAL and the effects-strength 1.3 variant (ARM-BN, CS-ARM-BN; balanced and
          alpha = 0.01). On benchmark 0 only: ARM-CML, CS-ARM-CML, TENT, DeYO, ROID (adapting
-         the ERM model) and the sections (profiles + MLP, embeddings of the ERM model with and
-         without TVN, CS-ARM-BN trained with K = 32 and 128 controls).
-         Measured (2 CPU cores, 2026-12-03): about 60 minutes idle -- benchmark 0 about 33
-         (the ERM model's 6 methods 10.5, test-time adaptation ~7 of them; the sections 6),
-         benchmarks 1 and 2 about 12 each. That is over the 45 minutes aimed for; dropping
-         the test-time methods (--config.methods without tent, deyo, roid) saves ~7.
+         the ERM model), TENT adapting the CS-ARM-BN model and the sections (profiles + MLP with
+         ERM, AdaBN, ARM-BN, CS-ARM-BN, BEN; embeddings of the ERM model with and without TVN;
+         CS-ARM-BN trained with K = 32 and 128 controls).
+         Measured (2 CPU cores, 2026-12-03): about 65 minutes idle -- benchmark 0 about 38
+         (the ERM model's 6 methods 10.5, test-time adaptation ~7 of them; TENT from CS-ARM-BN
+         ~3; the sections 8), benchmarks 1 and 2 about 12 each. That is over the 45 minutes
+         aimed for; dropping the test-time methods (--config.methods without tent, deyo, roid,
+         tent@cs_arm_bn) saves ~10.
   full:  the 'large' synthetic benchmark (3 benchmark seeds and the variant), ResNet-18, every
          leave-one-source-out fold x 3 training seeds; sized for one GPU/TPU host. On a real
          store (e.g. JUMP sources 3 and 8), which has one realisation and no variant:
@@ -73,7 +75,8 @@ def get_config(variant='quick'):
   # Benchmark seeds: each builds its own synthetic store (same preset; the store path gains
   # '-seed<b>'), crossed with the training seeds. A non-synthetic store allows one.
   c.benchmark_seeds = (0, 1, 2)
-  # Main-section methods scored on a subset of the benchmark seeds: method -> seeds (default all).
+  # Main-section methods scored on a subset of the benchmark seeds: method -> seeds (default all;
+  # 'tent' covers 'tent@cs_arm_bn' too).
   c.method_benchmark_seeds = {}
   # Variants of the benchmark (a store per benchmark seed, its own trained models), scored on the
   # sweep setting, balanced and under these label-shift alphas only (a store that is not synthetic
@@ -123,6 +126,8 @@ def get_config(variant='quick'):
     c.sweeps.test_time = ('label_shift',)
     # What keeps 3 benchmark seeds near the time above: the slowest methods (ARM-CML's context
     # net, test-time adaptation's per-context steps) and the sections run on benchmark 0 only.
+    # TENT also adapts the CS-ARM-BN model ('tent@cs_arm_bn').
+    c.methods = METHODS + ('tent@cs_arm_bn',)
     c.method_benchmark_seeds = {m: (0,) for m in ('arm_cml', 'cs_arm_cml', 'tent', 'deyo', 'roid')}
     # On benchmark 0 (a real store: --config.sections.profiles.benchmark_seeds='()' drops the
     # synthetic-only profiles section).
@@ -130,7 +135,8 @@ def get_config(variant='quick'):
         **{f'train_controls_{k}': {'overrides': {'data': {'num_controls': k}},
                                    'methods': ('cs_arm_bn',), 'benchmark_seeds': (0,)}
            for k in TRAIN_CONTROLS},
-        'profiles': {'overrides': PROFILES, 'methods': ('erm', 'adabn', 'cs_arm_bn'),
+        'profiles': {'overrides': PROFILES,
+                     'methods': ('erm', 'adabn', 'arm_bn', 'cs_arm_bn', 'ben'),
                      'benchmark_seeds': (0,)},
         'embeddings': {'overrides': embeddings(tvn=False), 'methods': ('erm',),
                        'benchmark_seeds': (0,)},
