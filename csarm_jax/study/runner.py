@@ -130,19 +130,17 @@ def _seed_store(experiment_config: ml_collections.ConfigDict, seed: int, variant
 FREE_FORM = ('model.options', 'tta.settings', 'synthetic.overrides')
 
 
-def _format(value: Any, fields: dict[str, Any]) -> Any:
-  if isinstance(value, (list, tuple)):
-    return type(value)(_format(v, fields) for v in value)
-  return value.format(**fields) if isinstance(value, str) else value
-
-
-def _fill_run_fields(value: Any, values: dict[str, int]) -> Any:
+def _format(value: Any, fields: dict[str, Any], strict: bool = True) -> Any:
+  """'{name}' in the strings of ``value`` (nested dicts, lists, tuples) filled from ``fields``;
+  ``strict``: str.format (an unknown name raises KeyError), else only these names replaced."""
   if isinstance(value, dict):
-    return {k: _fill_run_fields(v, values) for k, v in value.items()}
+    return {k: _format(v, fields, strict) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return type(value)(_fill_run_fields(v, values) for v in value)
+    return type(value)(_format(v, fields, strict) for v in value)
   if isinstance(value, str):
-    for name, v in values.items():
+    if strict:
+      return value.format(**fields)
+    for name, v in fields.items():
       value = value.replace('{' + name + '}', str(v))
   return value
 
@@ -261,8 +259,8 @@ def trainer_dir(workdir: str, bench: Benchmark, trainer: str, fold: int, seed: i
 
 def _run_config(experiment_config: ml_collections.ConfigDict, method: str, fold: int, seed: int,
                 source_dir: str | None = None):
-  cfg = ml_collections.ConfigDict(_fill_run_fields(experiment_config.to_dict(),
-                                                   {'fold': int(fold), 'seed': int(seed)}))
+  cfg = ml_collections.ConfigDict(_format(experiment_config.to_dict(),
+                                          {'fold': int(fold), 'seed': int(seed)}, strict=False))
   cfg.method, cfg.split.fold, cfg.seed = method, int(fold), int(seed)
   cfg.eval.final_evaluation = False
   if source_dir is not None:
