@@ -2,8 +2,9 @@ r"""The reproduction study: every method, setting and test-time sweep on every b
 (and benchmark variant and section of the config), then the report.
 
   python experiments/reproduce.py --config=experiments/configs/reproduce.py:quick \
-      --workdir=runs/study
+      --workdir=runs/study --jobs=2
 
+--jobs=N trains and evaluates in N worker processes (on a CPU host; the results are the same).
 Writes WORKDIR/results.csv, summary.md and PNG figures. Trained models are reused across the
 test-time sweeps; a study killed midway continues where it stopped when re-run.
 """
@@ -20,6 +21,12 @@ from csarm_jax.study import report, runner as study
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Study config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where runs, results and the report go.')
+_JOBS = flags.DEFINE_integer(
+    'jobs', 1, 'Worker processes that train and evaluate side by side (CPU hosts; results are '
+    'the same as with 1).', lower_bound=1)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', 'xla_cache', 'Where XLA keeps compiled programs for reuse across '
+    'benchmarks, methods and workers (relative: under --workdir; empty: no cache).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -44,7 +51,8 @@ def write_embedding(config, workdir: str) -> list[str]:
 def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
-  study.run(config, workdir)
+  cache = os.path.join(workdir, _COMPILATION_CACHE.value) if _COMPILATION_CACHE.value else ''
+  study.run(config, workdir, jobs=_JOBS.value, compilation_cache=cache)
   class_names = write_embedding(config, workdir) if config.embedding.methods else None
   command = 'python experiments/reproduce.py ' + ' '.join(sys.argv[1:])
   text = report.write(workdir, study.paper_numbers(), study.sweep_setting(config), command,

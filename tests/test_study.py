@@ -288,3 +288,19 @@ def test_embedding_features_cover_the_held_out_parts(smoke):
   features = frame.filter(regex=r'^feature_')
   assert features.shape[1] == 8 and np.isfinite(features.to_numpy()).all()   # cnn: 4 * 2 channels
   assert frame['Metadata_Source'].nunique() == 3
+
+
+def test_worker_processes_compute_what_the_sequential_study_does(smoke, tmp_path, monkeypatch):
+  config, _, results = smoke
+  config = config.copy_and_resolve_references()      # the ERM model and its TENT, on benchmark 0
+  config.methods, config.benchmark_seeds = ['erm', 'tent'], [0]
+  config.benchmark_variants, config.sections = {}, {}
+  def in_parent(*args, **kwargs):
+    raise AssertionError('the parent trained or evaluated: the workers should have')
+  monkeypatch.setattr(loop, 'train_and_evaluate', in_parent)   # spawned workers import their own
+  monkeypatch.setattr(loop, 'restore_variables', in_parent)
+  parallel = study.run(config, str(tmp_path), jobs=2)
+  expected = results[(results['benchmark_seed'] == 0) & (results['section'] == 'images') &
+                     results['method'].isin(['erm', 'tent'])]
+  assert len(parallel) == 10
+  pd.testing.assert_frame_equal(parallel, expected.reset_index(drop=True))

@@ -331,28 +331,87 @@ def run_evaluations(config, bench: Benchmark, trainer: str, method_name: str, ru
            'sweep_value': spec.sweep_value, 'fold': fold, 'seed': seed, **result}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame:
-  """Trains what is missing, evaluates what is not cached, writes and returns results.csv."""
-  os.makedirs(workdir, exist_ok=True)
-  rows = []
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """One model the study trains (on a benchmark, for a fold and training seed) and the study
+  methods scored on it."""
+  bench: Benchmark
+  fold: int
+  seed: int
+  trainer: str
+  members: tuple[str, ...]
+
+  def dir(self, workdir: str) -> str:
+    return trainer_dir(workdir, self.bench, self.trainer, self.fold, self.seed)
+
+  @property
+  def store_from_run(self) -> bool:
+    """Whether its store is made from another model of the study (e.g. embeddings)."""
+    return bool((self.bench.experiment.get('features') or {}).get('from_run'))
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Model]:
+  """Every model of the study, in the order the study trains and scores them."""
+  out = []
   for bench in benchmarks(config, workdir):
     folds = config.folds if config.folds is not None else range(
         cross_validation.num_folds(bench.experiment))
     groups = training_groups(list(bench.methods), config.get('tta_source', 'erm'))
-    for fold in folds:
-      for seed in config.seeds:
-        for trainer, members in groups.items():
-          run_dir = trainer_dir(workdir, bench, trainer, fold, seed)
-          if not os.path.exists(os.path.join(run_dir, 'results.json')):
-            logging.info('training %s fold %d seed %d in %s', trainer, fold, seed, run_dir)
-            loop.train_and_evaluate(
-                _run_config(trainer_experiment(config, bench, trainer), trainer, fold, seed),
-                run_dir)
-          for method_name in members:
-            rows.extend(run_evaluations(config, bench, trainer, method_name, run_dir, fold, seed))
-        results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-        results.to_csv(os.path.join(workdir, 'results.csv'), index=False)   # progress so far
+    out.extend(Model(bench, int(fold), int(seed), trainer, tuple(members))
+               for fold in folds for seed in config.seeds for trainer, members in groups.items())
+  return out
+
+
+def run_config(config: ml_collections.ConfigDict, model: Model) -> ml_collections.ConfigDict:
+  """The experiment config ``model`` trains with."""
+  return _run_config(trainer_experiment(config, model.bench, model.trainer), model.trainer,
+                     model.fold, model.seed)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, model: Model) -> None:
+  """Trains ``model`` unless a finished run is there (resuming an interrupted one)."""
+  run_dir = model.dir(workdir)
+  if not os.path.exists(os.path.join(run_dir, 'results.json')):
+    logging.info('training %s fold %d seed %d in %s', model.trainer, model.fold, model.seed,
+                 run_dir)
+    loop.train_and_evaluate(run_config(config, model), run_dir)
+
+
+def evaluations(config: ml_collections.ConfigDict, workdir: str, model: Model,
+                method_name: str) -> Iterator[dict]:
+  """The rows of study method ``method_name`` on ``model`` (computed unless cached)."""
+  return run_evaluations(config, model.bench, model.trainer, method_name, model.dir(workdir),
+                         model.fold, model.seed)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, jobs: int = 1,
+        compilation_cache: str = '') -> pd.DataFrame:
+  """Trains what is missing, evaluates what is not cached, writes and returns results.csv.
+  ``jobs`` > 1: worker processes fill the caches first (``study.workers``; the rows are the same);
+  ``compilation_cache``: a directory where XLA keeps compiled programs across runs and workers."""
+  os.makedirs(workdir, exist_ok=True)
+  if compilation_cache:
+    enable_compilation_cache(compilation_cache)
+  models = plan(config, workdir)
+  if jobs > 1:
+    from csarm_jax.study import workers
+    workers.fill_caches(config, workdir, models, jobs, compilation_cache)
+  rows = []
+  results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+  for model in models:
+    train(config, workdir, model)
+    for method_name in model.members:
+      rows.extend(evaluations(config, workdir, model, method_name))
+    results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    results.to_csv(os.path.join(workdir, 'results.csv'), index=False)   # progress so far
   return results
+
+
+def enable_compilation_cache(path: str) -> None:
+  """XLA's persistent compilation cache in ``path``: the study compiles the same programs for
+  every benchmark seed and method, and this process or a worker reuses them."""
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
 def main_benchmark(config: ml_collections.ConfigDict, workdir: str, seed: int) -> Benchmark:
