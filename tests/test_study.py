@@ -51,6 +51,10 @@ def test_both_study_variants_are_valid_configs():
     assert len(set(stores.values())) == len(stores)            # one store per benchmark
   quick = reproduce.get_config('quick')
   assert {s.sweep for s in study.eval_specs(quick, methods.TENT)} == {'none', 'label_shift'}
+  alphas = lambda config, method: [s.alpha for s in study.eval_specs(config, method) if s.alpha]
+  assert alphas(quick, methods.TENT) == [0.01]               # quick: TTA at alpha = 0.01 only
+  assert alphas(quick, methods.CS_ARM_BN) == list(quick.sweeps.label_shift_alphas)
+  assert alphas(reproduce.get_config('full'), methods.TENT) == [1.0, 0.1, 0.01]
   assert {s.sweep for s in study.eval_specs(reproduce.get_config('full'), methods.TENT)} == {
       'none', 'label_shift', 'perturbed'}                      # no controls in TENT's contexts
   assert len(quick.benchmark_seeds) >= 3 and set(reproduce.METHODS) <= set(quick.methods)
@@ -119,6 +123,17 @@ def test_section_overrides_fill_placeholders_and_refuse_unknown_fields(store_pat
   assert study._run_config(per_run, 'erm', fold=2, seed=1).tta.source == '/w/f2_s1'
   with pytest.raises(KeyError, match="'model.widht'"):
     study.with_overrides(base, {'model': {'widht': 8}}, fields)
+
+
+def test_method_benchmark_seeds_refuse_a_name_that_is_no_method(tmp_path):
+  config = reproduce.get_config('quick')
+  config.methods = ['erm', 'tent']                 # quick's entries for unselected methods are fine
+  names = lambda seed: next(b.methods for b in study.benchmarks(config, str(tmp_path))
+                            if b.seed == seed)
+  assert names(0) == ('erm', 'tent') and names(1) == ('erm',)
+  config.method_benchmark_seeds = {'tnet': (0,)}
+  with pytest.raises(ValueError, match=r"method_benchmark_seeds: \['tnet'\] name no method"):
+    study.benchmarks(config, str(tmp_path))
 
 
 def _results(accuracy: dict) -> pd.DataFrame:

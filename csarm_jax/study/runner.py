@@ -198,6 +198,10 @@ def benchmarks(config: ml_collections.ConfigDict, workdir: str) -> list[Benchmar
     # method -> its benchmark seeds; 'tent' also holds for 'tent@cs_arm_bn' (a config key can't
     # hold '@' and stay settable from the command line)
     only = config.get('method_benchmark_seeds') or {}
+    unknown = sorted(set(only) - set(methods.METHODS))
+    if unknown:
+      raise ValueError(f'config.method_benchmark_seeds: {unknown} name no method (choose from '
+                       f'{sorted(methods.METHODS)})')
     out.append(Benchmark(MAIN_SECTION, BASE, seed, main, tuple(
         m for m in config.methods if seed in only.get(m.partition('@')[0], (seed,)))))
     variants = config.get('benchmark_variants') if config.experiment.synthetic.preset else None
@@ -228,7 +232,8 @@ def sweep_setting(config: ml_collections.ConfigDict) -> str:
 def eval_specs(config: ml_collections.ConfigDict, method: methods.Method,
                label_shift_alphas: tuple[float, ...] | None = None) -> list[EvalSpec]:
   """Every evaluation the study asks of one method (sweeps only where they apply; a test-time
-  adaptation method only in ``config.sweeps.test_time``, default all); with
+  adaptation method only in ``config.sweeps.test_time``, default all, and at
+  ``config.sweeps.test_time_alphas``, default every label-shift alpha); with
   ``label_shift_alphas`` (a benchmark variant) only the sweep setting and those alphas."""
   s = config.sweeps
   setting = sweep_setting(config)
@@ -239,7 +244,10 @@ def eval_specs(config: ml_collections.ConfigDict, method: methods.Method,
   specs = [EvalSpec(setting, part) for setting, part in config.settings.items()]
   common = dict(setting=setting, part=s.part, max_images_per_plate=s.max_images_per_plate)
   sweeps = SWEEPS if method.trains else tuple(s.get('test_time', SWEEPS))
-  for alpha in s.label_shift_alphas if 'label_shift' in sweeps else ():
+  alphas = s.label_shift_alphas
+  if not method.trains and s.get('test_time_alphas') is not None:
+    alphas = s.test_time_alphas
+  for alpha in alphas if 'label_shift' in sweeps else ():
     specs.append(EvalSpec(sweep='label_shift', sweep_value=f'{alpha:g}', alpha=float(alpha),
                           setting=setting, part=s.part))
   for n in s.perturbed if 'perturbed' in sweeps else ():

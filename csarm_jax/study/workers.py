@@ -61,3 +61,5 @@ def fill_caches(config: ml_collections.ConfigDict, workdir: str, models: list[ru
     tasks = [(state, workdir, i, name) for i, m in enumerate(models) for name in m.members]
     for _ in pool.imap_unordered(_evaluate, tasks):
       pass
+    pool.close()                     # workers exit on their own (leaving the with: terminated)
+    pool.join()
