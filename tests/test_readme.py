@@ -105,7 +105,8 @@ def _entry_points() -> list[str]:
 
 
 def _docstring_snippets(path: str) -> Iterator[tuple[str, str]]:
-  tree = ast.parse(open(os.path.join(ROOT, path)).read())
+  with open(os.path.join(ROOT, path)) as f:
+    tree = ast.parse(f.read())
   if not (tree.body and isinstance(tree.body[0], ast.Expr) and
           isinstance(tree.body[0].value, ast.Constant)):
     return
@@ -384,6 +385,7 @@ def test_main_readme_commands_run_on_the_tiny_store(sandbox, store_path, monkeyp
                  '--config.embedding.methods=cs_arm_bn',
                  '--config.embedding.max_images_per_plate=4',
                  '--config.experiment.split.unseen_batches_fraction=0.3',
+                 '--compilation_cache=',            # no process-wide XLA cache in the suite
                  "--config.benchmark_seeds=(0,)"] + [   # a fixture store: one realisation, and
                  f"--config.sections.{name}.benchmark_seeds=()"     # the main section alone
                  for name in reproduce_config.get_config('quick').sections]

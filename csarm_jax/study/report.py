@@ -208,10 +208,12 @@ def plot_sweep(results: pd.DataFrame, sweep: str, setting: str, xlabel: str, pat
   if not len(rows):
     return
   order = _sweep_order(rows['sweep_value'])
-  fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=100)
-  for m in dict.fromkeys(rows['method']):
-    r = rows[rows['method'] == m].set_index('sweep_value').reindex(order).dropna(subset=['mean'])
-    x = [order.index(v) for v in r.index] if not log_x else [float(v) for v in r.index]
+  methods = list(dict.fromkeys(rows['method']))
+  columns = 1 + len(methods) // 16
+  fig, ax = plt.subplots(figsize=(5.0 + 1.9 * columns, 3.6), dpi=100)
+  for m in methods:
+    r = rows[rows['method'] == m].set_index('sweep_value').reindex(order)   # unscored: a gap
+    x = list(range(len(order))) if not log_x else [float(v) for v in order]
     ax.errorbar(x, r['mean'], yerr=r['std'], marker='o', capsize=2, label=method_label(m),
                 color=_color(m), linestyle='--' if ' [' in m else '-')
   if log_x:
@@ -226,7 +228,7 @@ def plot_sweep(results: pd.DataFrame, sweep: str, setting: str, xlabel: str, pat
   ax.set_ylabel('accuracy (fraction of images)')
   ax.set_ylim(0, 1)
   ax.set_title(f'{SETTING_LABELS[setting]}\nmean ± std over {_runs_note(results)}', fontsize=9)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, ncol=columns, loc='upper left', bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -8,11 +8,9 @@
          the ERM model), TENT adapting the CS-ARM-BN model and the sections (profiles + MLP with
          ERM, AdaBN, ARM-BN, CS-ARM-BN, BEN; embeddings of the ERM model with and without TVN;
          CS-ARM-BN trained with K = 32 and 128 controls).
-         Measured (2 CPU cores, 2026-12-03): about 65 minutes idle -- benchmark 0 about 38
-         (the ERM model's 6 methods 10.5, test-time adaptation ~7 of them; TENT from CS-ARM-BN
-         ~3; the sections 8), benchmarks 1 and 2 about 12 each. That is over the 45 minutes
-         aimed for; dropping the test-time methods (--config.methods without tent, deyo, roid,
-         tent@cs_arm_bn) saves ~10.
+         Test-time methods: the settings and label shift at alpha = 0.01 only.
+         Measured (2 idle CPU cores, 2026-12-03, from a fresh clone, stores included): 38 min
+         57 s with --jobs=2 (stores 3.5 min, 35 trainings 19.5, 472 evaluations 16).
   full:  the 'large' synthetic benchmark (3 benchmark seeds and the variant), ResNet-18, every
          leave-one-source-out fold x 3 training seeds; sized for one GPU/TPU host. On a real
          store (e.g. JUMP sources 3 and 8), which has one realisation and no variant:
