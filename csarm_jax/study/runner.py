@@ -314,31 +314,6 @@ def _build(config, bench: Benchmark, trainer: str, name: str, run_dir: str, fold
   return experiment.build(cfg, run_dir)
 
 
-def run_evaluations(config, bench: Benchmark, trainer: str, method_name: str, run_dir: str,
-                    fold: int, seed: int) -> Iterator[dict]:
-  """Rows for one method on one trained run; each evaluation cached in run_dir/study/."""
-  exp = _build(config, bench, trainer, method_name, run_dir, fold, seed)
-  cache_dir = os.path.join(run_dir, 'study', method_name)
-  os.makedirs(cache_dir, exist_ok=True)
-  variables = eval_step = None
-  for spec in eval_specs(config, exp.method, bench.label_shift_alphas):
-    path = os.path.join(cache_dir, f'{spec.name}.json')
-    if os.path.exists(path):
-      with open(path) as f:
-        result = json.load(f)
-    else:
-      if variables is None:
-        variables = loop.restore_variables(exp, run_dir)
-        eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
-      result = _evaluate(exp, eval_step, variables, spec)
-      if jax.process_index() == 0:
-        with open(path, 'w') as f:
-          json.dump(result, f)
-    yield {'section': bench.section, 'benchmark': bench.variant, 'benchmark_seed': bench.seed,
-           'method': method_name, 'setting': spec.setting, 'sweep': spec.sweep,
-           'sweep_value': spec.sweep_value, 'fold': fold, 'seed': seed, **result}
-
-
 @dataclasses.dataclass(frozen=True)
 class Model:
   """One model the study trains (on a benchmark, for a fold and training seed) and the study
@@ -387,9 +362,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Model) -> None
 
 def evaluations(config: ml_collections.ConfigDict, workdir: str, model: Model,
                 method_name: str) -> Iterator[dict]:
-  """The rows of study method ``method_name`` on ``model`` (computed unless cached)."""
-  return run_evaluations(config, model.bench, model.trainer, method_name, model.dir(workdir),
-                         model.fold, model.seed)
+  """The rows of study method ``method_name`` on ``model``; each evaluation computed unless
+  cached in the model's run_dir/study/."""
+  bench, fold, seed, run_dir = model.bench, model.fold, model.seed, model.dir(workdir)
+  exp = _build(config, bench, model.trainer, method_name, run_dir, fold, seed)
+  cache_dir = os.path.join(run_dir, 'study', method_name)
+  os.makedirs(cache_dir, exist_ok=True)
+  variables = eval_step = None
+  for spec in eval_specs(config, exp.method, bench.label_shift_alphas):
+    path = os.path.join(cache_dir, f'{spec.name}.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        result = json.load(f)
+    else:
+      if variables is None:
+        variables = loop.restore_variables(exp, run_dir)
+        eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
+      result = _evaluate(exp, eval_step, variables, spec)
+      if jax.process_index() == 0:
+        with open(path, 'w') as f:
+          json.dump(result, f)
+    yield {'section': bench.section, 'benchmark': bench.variant, 'benchmark_seed': bench.seed,
+           'method': method_name, 'setting': spec.setting, 'sweep': spec.sweep,
+           'sweep_value': spec.sweep_value, 'fold': fold, 'seed': seed, **result}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, jobs: int = 1,
@@ -404,8 +399,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, jobs: int = 1,
   if jobs > 1:
     from csarm_jax.study import workers
     workers.fill_caches(config, workdir, models, jobs, compilation_cache)
-  rows = []
-  results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+  rows, results = [], pd.DataFrame(columns=list(RESULT_COLUMNS))
   for model in models:
     train(config, workdir, model)
     for method_name in model.members:

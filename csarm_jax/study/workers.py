@@ -23,42 +23,36 @@ def _start(compilation_cache: str) -> None:
     runner.enable_compilation_cache(compilation_cache)
 
 
-def _model(task) -> tuple[ml_collections.ConfigDict, str, runner.Model]:
-  config, workdir, index = task[:3]
-  config = ml_collections.ConfigDict(config)
-  return config, workdir, runner.plan(config, workdir)[index]
-
-
 def _train(task) -> None:
-  runner.train(*_model(task))
+  runner.train(*task)
 
 
 def _evaluate(task) -> None:
-  for _ in runner.evaluations(*_model(task), task[3]):
+  for _ in runner.evaluations(*task):
     pass
 
 
 def fill_caches(config: ml_collections.ConfigDict, workdir: str, models: list[runner.Model],
                 jobs: int, compilation_cache: str = '') -> None:
-  """Trains and evaluates ``models`` (``runner.plan(config, workdir)``) in ``jobs`` processes."""
+  """Trains and evaluates ``models`` (``runner.plan(config, workdir)``; pickled to the workers
+  with the config) in ``jobs`` processes."""
   if jax.default_backend() != 'cpu' or jax.process_count() > 1:
     raise ValueError(f'--jobs={jobs}: worker processes share one host\'s CPU cores; on '
                      f'{jax.default_backend()} with {jax.process_count()} process(es) use --jobs=1')
-  state = config.to_dict()
-  first = [i for i, m in enumerate(models) if not m.store_from_run]
-  then = [i for i, m in enumerate(models) if m.store_from_run]
+  first = [m for m in models if not m.store_from_run]
+  then = [m for m in models if m.store_from_run]
   context = multiprocessing.get_context('spawn')    # a fresh JAX in each worker
   with context.Pool(jobs, initializer=_start, initargs=(compilation_cache,)) as pool:
     for stage in (first, then):
       stores = {}                     # store path -> a config that builds it
-      for i in stage:
-        cfg = runner.run_config(config, models[i])
+      for model in stage:
+        cfg = runner.run_config(config, model)
         stores.setdefault(cfg.store, cfg)
       for cfg in stores.values():
         experiment.open_run_store(cfg)
-      for _ in pool.imap_unordered(_train, [(state, workdir, i) for i in stage]):
+      for _ in pool.imap_unordered(_train, [(config, workdir, m) for m in stage]):
         pass
-    tasks = [(state, workdir, i, name) for i, m in enumerate(models) for name in m.members]
+    tasks = [(config, workdir, m, name) for m in models for name in m.members]
     for _ in pool.imap_unordered(_evaluate, tasks):
       pass
     pool.close()                     # workers exit on their own (leaving the with: terminated)
