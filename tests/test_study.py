@@ -65,6 +65,17 @@ def test_both_study_variants_are_valid_configs():
                                                      'roid', 'tent@cs_arm_bn'}   # on 0 only
   variant = study.benchmarks(quick, 'w')[1]
   assert variant.variant == 'strength_1_3' and variant.label_shift_alphas == (0.01,)
+  # the within-source section: one lab of 9 batches, its own settings, no sweeps
+  within = next(b for b in study.benchmarks(quick, 'w') if b.section == study.WITHIN_SOURCE)
+  assert within.experiment.store == quick.experiment.store + '-seed0-within'
+  assert within.experiment.synthetic.overrides.layout.num_sources == 1
+  assert within.experiment.split.kind == 'batch' and within.sweeps == ()
+  assert {(s.setting, s.part, s.sweep) for s in study.eval_specs(
+      quick, methods.CS_ARM_BN, settings=within.settings, sweeps=within.sweeps)} == {
+          ('new_plates', 'in_domain', 'none'), ('new_batches', 'test', 'none')}
+  quick.sections.within_source.sweeps = ('label_shift', 'labelshift')
+  with pytest.raises(ValueError, match=r"within_source.sweeps: \['labelshift'\] name no sweep"):
+    study.benchmarks(quick, 'w')
   assert variant.experiment.synthetic.overrides.effects.strength == 1.3
   with pytest.raises(ValueError, match="variant must be 'quick' or 'full'"):
     reproduce.get_config('medium')
@@ -190,7 +201,13 @@ def smoke(tmp_path_factory):
                                           'label_shift_alphas': [0.01], 'benchmark_seeds': [0]}}
   config.sections = {'wide': {'overrides': {'model': {'options': {'width': 8}},
                                             'store': '{store}'},
-                              'methods': ['erm'], 'benchmark_seeds': [1]}}
+                              'methods': ['erm'], 'benchmark_seeds': [1]},
+                     # its own split and settings, no sweeps (the shape of quick's section)
+                     'within_source': {'overrides': {'store': '{store}', 'split': {
+                         'kind': 'batch', 'num_folds': 2, 'validation_by': 'plate',
+                         'unseen_batches_fraction': 0.0, 'in_domain_fraction': 0.3}},
+                         'methods': ['erm'], 'benchmark_seeds': [0], 'sweeps': [],
+                         'settings': {'new_plates': 'in_domain', 'new_batches': 'test'}}}
   config.method_overrides = {'arm_cml': {'model': {'options': {'width': 4, 'context_hidden': 6}}}}
   config.sweeps.update(label_shift_alphas=[0.01], perturbed=[1, 4], controls=[0, 4],
                        max_images_per_plate=4)
@@ -210,8 +227,12 @@ def test_study_writes_one_row_per_evaluation(smoke):
   main = {('images', 'base', b, m): n for b in (0, 1)
           for m, n in (('erm', 6), ('cs_arm_bn', 8), ('tent', 4))
           if (m, b) != ('tent', 1)}         # quick's method_benchmark_seeds: TENT on 0 only
-  assert per == {**main, ('images', 'strong', 0, 'arm_cml'): 2, ('wide', 'base', 1, 'erm'): 6}
-  assert set(saved['setting']) == {'in_domain', 'unseen_batches', 'unseen_source'}
+  assert per == {**main, ('images', 'strong', 0, 'arm_cml'): 2, ('wide', 'base', 1, 'erm'): 6,
+                 ('within_source', 'base', 0, 'erm'): 2}
+  within = saved[saved['section'] == 'within_source']
+  assert sorted(within['setting']) == ['new_batches', 'new_plates']
+  assert set(saved[saved['section'] != 'within_source']['setting']) == {
+      'in_domain', 'unseen_batches', 'unseen_source'}
   assert saved['accuracy'].between(0, 1).all()
   k = saved[(saved['method'] == 'cs_arm_bn') & (saved['sweep'] == 'controls')]
   assert sorted(k['num_controls']) == [0, 0, 4, 4]
@@ -259,8 +280,9 @@ def _cache_files(workdir):
 def test_study_resumes_from_its_caches(smoke, monkeypatch):
   config, workdir, results = smoke
   cached = _cache_files(workdir)
-  # 6 trained models (erm, cs_arm_bn per benchmark seed; arm_cml; wide erm), one file per row
-  assert len(cached) == 6 + len(results)
+  # 7 trained models (erm, cs_arm_bn per benchmark seed; arm_cml; wide and within-source erm),
+  # one file per row
+  assert len(cached) == 7 + len(results)
 
   def recompute(*args, **kwargs):
     raise AssertionError('the study recomputed a cached result')
@@ -294,6 +316,11 @@ def test_report_is_computed_from_results_csv(smoke):
   assert f'{erm_unseen.mean():.3f} ± {erm_unseen.std(ddof=1):.3f} (n=2)' in text
   for row in ('| ARM-CML [strong] |', '| ERM [wide] |', '| TENT |'):
     assert row in text
+  within = results[(results['section'] == 'within_source') & (results['setting'] == 'new_batches')]
+  assert ('## Within one lab' in text and '| method | new plates of its lab | new batches of its '
+          "lab |\n|---|---|---|\n| ERM [within_source] | " in text)
+  assert (f"| ResNet, new experimental batches | 0.862 ± 0.060 | {within['accuracy'].iloc[0]:.3f}"
+          ' ± 0.000 (n=1) (ERM [within_source], new batches of its lab) |' in text)
   assert '## Where the spread comes from' in text
 
 

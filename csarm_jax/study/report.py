@@ -17,9 +17,16 @@ import pandas as pd  # noqa: E402
 
 from csarm_jax.study.runner import BASE, MAIN_SECTION  # noqa: E402
 
-SETTING_ORDER = ('in_domain', 'unseen_batches', 'unseen_source')
+# Settings reported together: the main section's (trained on every lab but one) and the
+# within-source section's (trained on one lab, the paper's headline setting).
+SETTING_GROUPS = {'Accuracy by method and setting': ('in_domain', 'unseen_batches',
+                                                     'unseen_source'),
+                  'Within one lab (the paper\'s within-source setting)': ('new_plates',
+                                                                        'new_batches')}
+SETTING_ORDER = tuple(s for group in SETTING_GROUPS.values() for s in group)
 SETTING_LABELS = {'in_domain': 'unseen plates (in-domain)', 'unseen_batches': 'unseen batches',
-                  'unseen_source': 'unseen source (cross-lab)'}
+                  'unseen_source': 'unseen source (cross-lab)',
+                  'new_plates': 'new plates of its lab', 'new_batches': 'new batches of its lab'}
 METHOD_LABELS = {'erm': 'ERM', 'adabn': 'AdaBN', 'adabn_controls': 'AdaBN + controls', 'ben': 'BEN',
                  'arm_bn': 'ARM-BN', 'arm_bn_controls': 'ARM-BN + test controls',
                  'cs_arm_bn': 'CS-ARM-BN', 'arm_cml': 'ARM-CML', 'cs_arm_cml': 'CS-ARM-CML',
@@ -117,15 +124,14 @@ def summary_markdown(results: pd.DataFrame, paper: pd.DataFrame, sweep_setting: 
                      command: str) -> str:
   methods = list(dict.fromkeys(labelled(results)['method']))
   agg = aggregate(results)
-  main = _pivot(agg[agg['sweep'] == 'none'], 'setting', SETTING_ORDER, methods)
-  main.columns = [SETTING_LABELS[c] for c in main.columns]
   parts = [
       '# CS-ARM-BN reproduction study', '',
       f'Regenerate: `{command}`', '',
       'Accuracy = fraction of perturbed test images classified correctly (8 classes), mean ± '
       f'sample std over n runs: {_runs_note(results)}. Computed from `results.csv`. '
-      'Rows tagged [name] come from a benchmark variant or an extra section.', '',
-      '## Accuracy by method and setting', '', _markdown(main, 'method'), '']
+      'Rows tagged [name] come from a benchmark variant or an extra section.', '']
+  for title, table in setting_tables(agg, methods):
+    parts += [f'## {title}', '', _markdown(table, 'method'), '']
   for sweep, title, balanced in (('label_shift', 'Label shift: Dirichlet α of each test context',
                                   True),
                                  ('perturbed', 'Perturbed images per test context', False),
@@ -148,15 +154,27 @@ def spread_markdown(results: pd.DataFrame, sweep_setting: str, methods: Sequence
            'seeds of the sample std over that benchmark\'s runs (folds × training seeds). — where '
            'undefined: one benchmark seed, or one run per benchmark (then the σ between also holds '
            'the training seed\'s noise, which one run cannot separate).', '']
-  by_setting = _pivot(s[s['sweep'] == 'none'], 'setting', SETTING_ORDER, methods, _spread_cell)
-  by_setting.columns = [SETTING_LABELS[c] for c in by_setting.columns]
-  parts += [_markdown(by_setting, 'method'), '']
+  for _, table in setting_tables(s, methods, _spread_cell):
+    parts += [_markdown(table, 'method'), '']
   rows = _sweep(s, 'label_shift', sweep_setting, balanced=True)
   if len(rows):
     table = _pivot(rows, 'sweep_value', _sweep_order(rows['sweep_value']), methods, _spread_cell)
     parts += [f'Label shift (Dirichlet α, {SETTING_LABELS[sweep_setting]}):', '',
               _markdown(table, 'method'), '']
   return parts
+
+
+def setting_tables(agg: pd.DataFrame, methods: Sequence[str], cell=_cell
+                   ) -> list[tuple[str, pd.DataFrame]]:
+  """(title, method x setting table) per group of SETTING_GROUPS that has rows, without sweeps."""
+  out = []
+  for title, settings in SETTING_GROUPS.items():
+    rows = agg[(agg['sweep'] == 'none') & agg['setting'].isin(settings)]
+    if len(rows):
+      table = _pivot(rows, 'setting', settings, methods, cell)
+      table.columns = [SETTING_LABELS[c] for c in table.columns]
+      out.append((title, table))
+  return out
 
 
 def paper_comparison_markdown(agg: pd.DataFrame, paper: pd.DataFrame) -> str:

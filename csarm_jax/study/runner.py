@@ -33,6 +33,7 @@ from csarm_jax.training import cross_validation, experiment, loop
 from csarm_jax.evaluation.step import compiled_eval_step
 
 MAIN_SECTION, BASE = 'images', 'base'   # the main section; the benchmark without a variant
+WITHIN_SOURCE = 'within_source'   # the section the paper's within-source figures compare with
 # Placeholders a section's overrides may hold that only a run knows: filled per (fold, seed).
 RUN_FIELDS = ('fold', 'seed')
 SWEEPS = ('label_shift', 'perturbed', 'controls')
@@ -112,6 +113,10 @@ class Benchmark:
   experiment: ml_collections.ConfigDict   # the experiment config before method, fold and seed
   methods: tuple[str, ...]
   label_shift_alphas: tuple[float, ...] | None = None   # a variant: only these label-shift specs
+  # A section's own settings (display name -> fold part; None: config.settings) and the sweeps it
+  # is scored in (None: every sweep), e.g. the within-source setting on its own split.
+  settings: dict[str, str] | None = None
+  sweeps: tuple[str, ...] | None = None
 
   def dir(self, workdir: str) -> str:
     return os.path.join(workdir, 'runs', self.section, self.variant, f'seed{self.seed}')
@@ -216,34 +221,55 @@ def benchmarks(config: ml_collections.ConfigDict, workdir: str) -> list[Benchmar
       if name == MAIN_SECTION:
         raise ValueError(f'config.sections: {MAIN_SECTION!r} is the main section')
       if _applies(section, seed):
-        out.append(Benchmark(name, BASE, seed, with_overrides(main, section.overrides, fields),
-                             tuple(section.methods)))
+        settings, sweeps = section.get('settings'), section.get('sweeps')
+        out.append(Benchmark(
+            name, BASE, seed, with_overrides(main, section.overrides, fields),
+            tuple(section.methods), settings=None if settings is None else settings.to_dict(),
+            sweeps=None if sweeps is None else _known_sweeps(f'config.sections.{name}', sweeps)))
   return out
 
 
-def sweep_setting(config: ml_collections.ConfigDict) -> str:
-  """The setting whose fold part the test-time sweeps evaluate."""
-  for setting, part in config.settings.items():
+def _known_sweeps(where: str, sweeps) -> tuple[str, ...]:
+  unknown = sorted(set(sweeps) - set(SWEEPS))
+  if unknown:
+    raise ValueError(f'{where}.sweeps: {unknown} name no sweep (choose from {list(SWEEPS)})')
+  return tuple(sweeps)
+
+
+def sweep_setting(config: ml_collections.ConfigDict, settings: dict[str, str] | None = None) -> str:
+  """The setting whose fold part the test-time sweeps evaluate (of ``settings``, default
+  ``config.settings``)."""
+  for setting, part in (settings or config.settings).items():
     if part == config.sweeps.part:
       return setting
-  raise ValueError(f'config.sweeps.part: {config.sweeps.part!r} is not a part of config.settings')
+  raise ValueError(f'config.sweeps.part: {config.sweeps.part!r} is not a part of the settings '
+                   f'{dict(settings or config.settings)}')
 
 
 def eval_specs(config: ml_collections.ConfigDict, method: methods.Method,
-               label_shift_alphas: tuple[float, ...] | None = None) -> list[EvalSpec]:
+               label_shift_alphas: tuple[float, ...] | None = None,
+               settings: dict[str, str] | None = None,
+               sweeps: tuple[str, ...] | None = None) -> list[EvalSpec]:
   """Every evaluation the study asks of one method (sweeps only where they apply; a test-time
   adaptation method only in ``config.sweeps.test_time``, default all, and at
   ``config.sweeps.test_time_alphas``, default every label-shift alpha); with
-  ``label_shift_alphas`` (a benchmark variant) only the sweep setting and those alphas."""
+  ``label_shift_alphas`` (a benchmark variant) only the sweep setting and those alphas. A section
+  passes its own ``settings`` (default ``config.settings``) and ``sweeps`` (default all)."""
   s = config.sweeps
-  setting = sweep_setting(config)
+  settings = settings or config.settings
   if label_shift_alphas is not None:
+    setting = sweep_setting(config, settings)
     return [EvalSpec(setting, s.part)] + [
         EvalSpec(sweep='label_shift', sweep_value=f'{a:g}', alpha=float(a), setting=setting,
                  part=s.part) for a in label_shift_alphas]
-  specs = [EvalSpec(setting, part) for setting, part in config.settings.items()]
+  specs = [EvalSpec(setting, part) for setting, part in settings.items()]
+  sweeps = SWEEPS if sweeps is None else sweeps
+  if not method.trains:
+    sweeps = tuple(w for w in sweeps if w in s.get('test_time', SWEEPS))
+  if not sweeps:
+    return specs
+  setting = sweep_setting(config, settings)
   common = dict(setting=setting, part=s.part, max_images_per_plate=s.max_images_per_plate)
-  sweeps = SWEEPS if method.trains else tuple(s.get('test_time', SWEEPS))
   alphas = s.label_shift_alphas
   if not method.trains and s.get('test_time_alphas') is not None:
     alphas = s.test_time_alphas
@@ -369,7 +395,8 @@ def evaluations(config: ml_collections.ConfigDict, workdir: str, model: Model,
   cache_dir = os.path.join(run_dir, 'study', method_name)
   os.makedirs(cache_dir, exist_ok=True)
   variables = eval_step = None
-  for spec in eval_specs(config, exp.method, bench.label_shift_alphas):
+  for spec in eval_specs(config, exp.method, bench.label_shift_alphas, bench.settings,
+                         bench.sweeps):
     path = os.path.join(cache_dir, f'{spec.name}.json')
     if os.path.exists(path):
       with open(path) as f:
@@ -443,8 +470,17 @@ def embedding_frame(config: ml_collections.ConfigDict, workdir: str, method_name
 
 
 def paper_numbers() -> pd.DataFrame:
-  """The paper's figures (notes/paper.md §8) and the row of our study each one compares with."""
+  """The paper's figures (notes/paper.md §8) and the rows of our study each one compares with:
+  the within-source section's (trained on one lab, as the paper's figures) and the main
+  section's (new plates and batches of labs trained on beside others)."""
+  within = f' [{WITHIN_SOURCE}]'
   return pd.DataFrame([
+      ('erm' + within, 'new_plates', 'none', '', 0.939, 0.005, 'ResNet, training domain'),
+      ('erm' + within, 'new_batches', 'none', '', 0.862, 0.060, 'ResNet, new experimental batches'),
+      ('arm_bn' + within, 'new_batches', 'none', '', 0.935, 0.018,
+       'meta-learning, new batches (ARM-BN?)'),
+      ('cs_arm_bn' + within, 'new_batches', 'none', '', 0.935, 0.018,
+       'meta-learning, new batches (CS-ARM-BN?)'),
       ('erm', 'in_domain', 'none', '', 0.939, 0.005, 'ResNet, training domain'),
       ('erm', 'unseen_batches', 'none', '', 0.862, 0.060, 'ResNet, new experimental batches'),
       ('cs_arm_bn', 'unseen_batches', 'none', '', 0.935, 0.018, 'meta-learning, new batches'),

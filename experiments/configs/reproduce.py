@@ -23,6 +23,7 @@ from ml_collections import config_dict
 
 from configs import quickstart
 from configs.default import get_config as _default
+from csarm_jax.study import runner
 
 METHODS = ('erm', 'adabn', 'adabn_controls', 'ben', 'arm_bn', 'arm_bn_controls', 'cs_arm_bn',
            'arm_cml', 'cs_arm_cml', 'tent', 'deyo', 'roid', 'dann', 'coral')
@@ -45,6 +46,24 @@ PROFILES = {'store': '{store}-profiles',
                      'too_few': 'pad'},
             'eval': {'num_perturbed': 32, 'num_controls': 16},
             'train': {'max_epochs': 60, 'patience': 10}}
+
+
+# The paper's within-source setting (its headline figures; configs/jumpcp.py:...,new_batches on
+# JUMP): one lab's plates only, 5 folds of whole batches (fold 0 tests 2 of its 9 batches) with
+# 15 % of the training plates for validation, as the reference's default data config; 15 % of the
+# remaining plates are held out as new plates of the training batches. Its own store per
+# benchmark seed: the main preset and seed with one lab of 9 batches (the main store's labs have
+# 3 each), so training sees ~12 plates as the main section does.
+WITHIN_SOURCE = {
+    'overrides': {'store': '{store}-within',
+                  'synthetic': {'overrides': {'layout': {'num_sources': 1,
+                                                         'batches_per_source': 9}}},
+                  'split': {'kind': 'batch', 'num_folds': 5, 'validation_by': 'plate',
+                            'validation_fraction': 0.15, 'unseen_batches_fraction': 0.0,
+                            'in_domain_fraction': 0.15}},
+    'methods': ('erm', 'adabn', 'arm_bn', 'cs_arm_bn'),
+    'settings': {'new_plates': 'in_domain', 'new_batches': 'test'},
+    'sweeps': ()}
 
 
 def embeddings(tvn: bool) -> dict:
@@ -85,8 +104,9 @@ def get_config(variant='quick'):
       'synthetic': {'effects': {'strength': 1.3}}, 'methods': ('arm_bn', 'cs_arm_bn'),
       'label_shift_alphas': (0.01,)}}
   # Extra sections: name -> {overrides: of c.experiment (nested; '{workdir}', '{benchmark_seed}',
-  # '{store}' (the main section's store of that seed) filled in string values), methods}; each runs
-  # the same study on its own experiment config, per benchmark seed (or its benchmark_seeds).
+  # '{store}' (the main section's store of that seed) filled in string values), methods[,
+  # benchmark_seeds, settings: its own (default c.settings), sweeps: those it is scored in
+  # (default all)]}; each runs the same study on its own experiment config, per benchmark seed.
   c.sections = {}
   c.folds = config_dict.placeholder(tuple)   # None: every fold of the split
   # display name of each setting -> the fold part scored for it (one trained model scores all)
@@ -132,6 +152,7 @@ def get_config(variant='quick'):
     # On benchmark 0 (a real store: --config.sections.profiles.benchmark_seeds='()' drops the
     # synthetic-only profiles section).
     c.sections = {
+        runner.WITHIN_SOURCE: WITHIN_SOURCE,
         **{f'train_controls_{k}': {'overrides': {'data': {'num_controls': k}},
                                    'methods': ('cs_arm_bn',), 'benchmark_seeds': (0,)}
            for k in TRAIN_CONTROLS},
