@@ -37,7 +37,7 @@ def test_cross_validation_runs_every_fold_and_reuses_finished_runs(store_path, t
 
 
 def test_both_study_variants_are_valid_configs():
-  for variant in ('quick', 'full'):
+  for variant in ('quick', 'calibrated', 'full'):
     config = reproduce.get_config(variant)
     experiment.check_config(config.experiment)
     assert study.sweep_setting(config) == 'unseen_source'
@@ -77,7 +77,13 @@ def test_both_study_variants_are_valid_configs():
   with pytest.raises(ValueError, match=r"within_source.sweeps: \['labelshift'\] name no sweep"):
     study.benchmarks(quick, 'w')
   assert variant.experiment.synthetic.overrides.effects.strength == 1.3
-  with pytest.raises(ValueError, match="variant must be 'quick' or 'full'"):
+  calibrated = reproduce.get_config('calibrated')       # quick's study on the calibrated preset
+  assert calibrated.experiment.synthetic.preset == 'calibrated'
+  assert {b.section for b in study.benchmarks(calibrated, 'w')} == {'images', 'within_source'}
+  assert {s.sweep for s in study.eval_specs(calibrated, methods.CS_ARM_BN)} == {'none',
+                                                                                'label_shift'}
+  assert study.benchmarks(calibrated, 'w')[1].experiment.synthetic.preset == 'calibrated'
+  with pytest.raises(ValueError, match="variant must be 'quick', 'calibrated' or 'full'"):
     reproduce.get_config('medium')
 
 

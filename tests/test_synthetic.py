@@ -121,6 +121,24 @@ def test_controls_vary_more_between_sources_than_between_plates(tmp_path):
   assert between > 4 * within, (between, within)
 
 
+def test_calibrated_is_quickstart_sized_with_batch_shifts_larger_relative_to_lab_shifts():
+  quick, calibrated = synthetic.preset('quickstart'), synthetic.preset('calibrated')
+  synthetic.validate(calibrated)
+  changed = {k for k, v in synthetic.fields(calibrated).items()
+             if synthetic.fields(quick)[k] != v}
+  assert changed <= {'preset', 'cells.phenotype_strength'} | {f'effects.{f}' for f in (
+      'strength', *synthetic.config.LAB_EFFECTS, *synthetic.config.BATCH_EFFECTS)}
+
+  def log_gain_variances(config):
+    """(between-lab, between-batch-within-lab) variance of the plates' log gains."""
+    gains = np.log([[effects.plate_acquisition(config, 0, s, b, 0).gain for b in range(6)]
+                    for s in range(12)])                  # (lab, batch, channel)
+    return gains.mean(1).var(0).mean(), gains.var(1).mean()
+  (lab_q, batch_q), (lab_c, batch_c) = map(log_gain_variances, (quick, calibrated))
+  assert lab_c < lab_q / 4 and batch_c / lab_c > 3 * batch_q / lab_q, (lab_q, batch_q, lab_c,
+                                                                         batch_c)
+
+
 def test_dirichlet_label_shift_changes_the_class_mix_per_plate():
   def mixes(config):
     t = layout.build_table(config, 0)
