@@ -7,6 +7,7 @@ Rows of an extra section or a benchmark variant are reported as methods of their
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Sequence
 
 import matplotlib
@@ -197,23 +198,36 @@ def _runs_note(results: pd.DataFrame) -> str:
 
 
 def plot_settings(results: pd.DataFrame, path: str) -> None:
-  methods = list(dict.fromkeys(labelled(results)['method']))
+  """Bars per setting, one panel per group of SETTING_GROUPS that has rows (its methods only)."""
+  order = list(dict.fromkeys(labelled(results)['method']))
   agg = aggregate(results)
   agg = agg[agg['sweep'] == 'none']
-  settings = [s for s in SETTING_ORDER if s in set(agg['setting'])]
-  fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
-  width = 0.8 / len(methods)
-  for i, m in enumerate(methods):
-    rows = agg[agg['method'] == m].set_index('setting').reindex(settings)
-    ax.bar(np.arange(len(settings)) + i * width, rows['mean'], width, yerr=rows['std'], capsize=2,
-           label=method_label(m), color=_color(m), hatch='//' if ' [' in m else None)
-  ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2)
-  ax.set_xticklabels([SETTING_LABELS[s] for s in settings])
-  ax.set_ylabel('accuracy (fraction of images)')
-  ax.set_ylim(0, 1)
-  ax.set_title(f'Accuracy by setting; mean ± std over {_runs_note(results)}', fontsize=9)
-  ax.legend(fontsize=7, ncol=1 + len(methods) // 16, loc='upper left',
-            bbox_to_anchor=(1.01, 1.0))             # beside the axes: never over a bar
+  groups = [(title, [s for s in settings if s in set(agg['setting'])])
+            for title, settings in SETTING_GROUPS.items()]
+  groups = [(title, settings) for title, settings in groups if settings]
+  fig, axes = plt.subplots(1, len(groups), figsize=(4 + 2.2 * sum(len(s) for _, s in groups), 4.2),
+                           dpi=100, squeeze=False,
+                           gridspec_kw={'width_ratios': [len(s) for _, s in groups]})
+  handles = {}
+  for ax, (title, settings) in zip(axes[0], groups):
+    rows = agg[agg['setting'].isin(settings)]
+    methods = [m for m in order if m in set(rows['method'])]
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+      r = rows[rows['method'] == m].set_index('setting').reindex(settings)
+      handles[m] = ax.bar(np.arange(len(settings)) + i * width, r['mean'], width, yerr=r['std'],
+                          capsize=2, label=method_label(m), color=_color(m),
+                          hatch='//' if ' [' in m else None)
+    ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2)
+    ax.set_xticklabels([textwrap.fill(SETTING_LABELS[s], 16) for s in settings], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title(textwrap.fill(title, 40), fontsize=9)
+  axes[0, 0].set_ylabel('accuracy (fraction of images)')
+  fig.suptitle(f'Accuracy by setting; mean ± std over {_runs_note(results)}', fontsize=9)
+  labels = [m for m in order if m in handles]
+  axes[0, -1].legend([handles[m] for m in labels], [method_label(m) for m in labels], fontsize=7,
+                     ncol=1 + len(labels) // 16, loc='upper left',
+                     bbox_to_anchor=(1.02, 1.0))    # beside the axes: never over a bar
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
