@@ -21,7 +21,9 @@
          store (e.g. JUMP sources 3 and 8), which has one realisation and no variant:
          --config.experiment.store=PATH --config.experiment.synthetic.preset=''
          --config.benchmark_seeds='(0,)' (with quick's sections, also
-         --config.sections.profiles.benchmark_seeds='()': profiles are built from synthetic images)
+         --config.sections.profiles.benchmark_seeds='()' and
+         --config.sections.within_source.benchmark_seeds='()': both build synthetic stores; on
+         JUMP, configs/jumpcp.py:METHOD,new_batches is the within-source setting)
 """
 import ml_collections
 from ml_collections import config_dict
@@ -62,16 +64,19 @@ PROFILES = {'store': '{store}-profiles',
 # remaining plates are held out as new plates of the training batches. Its own store per
 # benchmark seed: the main preset and seed with one lab of 9 batches (the main store's labs have
 # 3 each), so training sees ~12 plates as the main section does.
-WITHIN_SOURCE = {
-    'overrides': {'store': '{store}-within',
-                  'synthetic': {'overrides': {'layout': {'num_sources': 1,
-                                                         'batches_per_source': 9}}},
-                  'split': {'kind': 'batch', 'num_folds': 5, 'validation_by': 'plate',
-                            'validation_fraction': 0.15, 'unseen_batches_fraction': 0.0,
-                            'in_domain_fraction': 0.15}},
-    'methods': ('erm', 'adabn', 'arm_bn', 'cs_arm_bn'),
-    'settings': {'new_plates': 'in_domain', 'new_batches': 'test'},
-    'sweeps': ()}
+def within_source() -> dict:
+  """The within-source section (a fresh dict: its placeholder is not shared between configs)."""
+  return {
+      'overrides': {'store': '{store}-within',
+                    'synthetic': {'overrides': {'layout': {'num_sources': 1,
+                                                           'batches_per_source': 9}}},
+                    'split': {'kind': 'batch', 'num_folds': 5, 'validation_by': 'plate',
+                              'validation_fraction': 0.15, 'unseen_batches_fraction': 0.0,
+                              'in_domain_fraction': 0.15}},
+      'methods': ('erm', 'adabn', 'arm_bn', 'cs_arm_bn'),
+      'benchmark_seeds': config_dict.placeholder(tuple),   # None: every benchmark seed
+      'settings': {'new_plates': 'in_domain', 'new_batches': 'test'},
+      'sweeps': ()}
 
 
 def embeddings(tvn: bool) -> dict:
@@ -149,7 +154,7 @@ def get_config(variant='quick'):
     c.experiment.train.max_epochs = 12
     c.methods = CALIBRATED_METHODS
     c.benchmark_variants = {}
-    c.sections = {runner.WITHIN_SOURCE: WITHIN_SOURCE}
+    c.sections = {runner.WITHIN_SOURCE: within_source()}
     c.sweeps.update(perturbed=(), controls=())    # the label-shift sweep only
   elif variant == 'quick':
     # 4 epochs (80 updates; the previous quick study trained 10) and the cheaper choices below
@@ -171,7 +176,7 @@ def get_config(variant='quick'):
     # On benchmark 0 (a real store: --config.sections.profiles.benchmark_seeds='()' drops the
     # synthetic-only profiles section).
     c.sections = {
-        runner.WITHIN_SOURCE: WITHIN_SOURCE,
+        runner.WITHIN_SOURCE: within_source(),
         **{f'train_controls_{k}': {'overrides': {'data': {'num_controls': k}},
                                    'methods': ('cs_arm_bn',), 'benchmark_seeds': (0,)}
            for k in TRAIN_CONTROLS},
