@@ -11,11 +11,13 @@
          section (ERM, AdaBN, ARM-BN, CS-ARM-BN trained on one lab; new plates, new batches).
          Test-time methods: the settings and label shift at alpha = 0.01 only.
          Measured (2 idle CPU cores, 2026-12-03, from a fresh clone, stores included): 38 min
-         57 s with --jobs=2 (stores 3.5 min, 35 trainings 19.5, 472 evaluations 16).
+         57 s with --jobs=2 (stores 3.5 min, 35 trainings 19.5, 472 evaluations 16), before the
+         within-source section (3 stores, 9 trainings; 15.7 min at --jobs=1 on shared cores).
   calibrated: quick's study on the 'calibrated' synthetic preset (technical effects sized to
          the paper's JUMP-CP figures), 12 epochs (240 updates): the core methods (ERM, AdaBN
          (+ controls), BEN, ARM-BN (+ test controls), CS-ARM-BN), the within-source section and
-         the label-shift sweep.
+         the label-shift sweep. Measured (2 CPU cores, fresh clone, stores included, --jobs=2):
+         36 min 43 s.
   full:  the 'large' synthetic benchmark (3 benchmark seeds and the variant), ResNet-18, every
          leave-one-source-out fold x 3 training seeds; sized for one GPU/TPU host. On a real
          store (e.g. JUMP sources 3 and 8), which has one realisation and no variant:
