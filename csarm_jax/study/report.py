@@ -24,7 +24,6 @@ SETTING_GROUPS = {'Accuracy by method and setting': ('in_domain', 'unseen_batche
                                                      'unseen_source'),
                   'Within one lab (the paper\'s within-source setting)': ('new_plates',
                                                                         'new_batches')}
-SETTING_ORDER = tuple(s for group in SETTING_GROUPS.values() for s in group)
 SETTING_LABELS = {'in_domain': 'unseen plates (in-domain)', 'unseen_batches': 'unseen batches',
                   'unseen_source': 'unseen source (cross-lab)',
                   'new_plates': 'new plates of its lab', 'new_batches': 'new batches of its lab'}

@@ -17,7 +17,7 @@
          the paper's JUMP-CP figures), 12 epochs (240 updates): the core methods (ERM, AdaBN
          (+ controls), BEN, ARM-BN (+ test controls), CS-ARM-BN), the within-source section and
          the label-shift sweep. Measured (2 CPU cores, fresh clone, stores included, --jobs=2):
-         36 min 43 s.
+         36 min 43 s with the preset's first iteration (same sizes and budget as the current).
   full:  the 'large' synthetic benchmark (3 benchmark seeds and the variant), ResNet-18, every
          leave-one-source-out fold x 3 training seeds; sized for one GPU/TPU host. On a real
          store (e.g. JUMP sources 3 and 8), which has one realisation and no variant:
@@ -65,7 +65,7 @@ PROFILES = {'store': '{store}-profiles',
 # 15 % of the training plates for validation, as the reference's default data config; 15 % of the
 # remaining plates are held out as new plates of the training batches. Its own store per
 # benchmark seed: the main preset and seed with one lab of 9 batches (the main store's labs have
-# 3 each), so training sees ~12 plates as the main section does.
+# 3 each), so fold 0 trains on 14 plates of that lab.
 def within_source() -> dict:
   """The within-source section (a fresh dict: its placeholder is not shared between configs)."""
   return {
