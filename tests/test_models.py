@@ -143,13 +143,17 @@ def test_remat_gives_the_same_variables_outputs_gradients_and_running_averages(n
   assert float(jnp.abs(out0[1]['stage1_block0']['conv1']['kernel']).sum()) > 0
 
 
-@pytest.mark.parametrize('strides', [1, 2])
-def test_pointwise_conv_equals_a_1x1_convolution_forward_and_gradients(strides):
-  from csarm_jax.models.resnet import PointwiseConv
+@pytest.mark.parametrize('kernel_size,strides,size', [
+    (1, 1, 6), (1, 2, 6), (3, 1, 6), (3, 2, 7), (3, 1, 2), (3, 2, 2), (3, 1, 1)])
+def test_matmul_conv_equals_the_convolution_forward_and_gradients(kernel_size, strides, size):
+  """Patches times kernel == nn.Conv with 'same' padding, on ordinary maps and on maps smaller
+  than the kernel (where ResNet uses it); same parameter names and shapes."""
+  from csarm_jax.models.resnet import MatmulConv
   import flax.linen as nn
-  x = jax.random.normal(jax.random.key(0), (3, 6, 6, 8))
-  dot = PointwiseConv(5, strides)
-  conv = nn.Conv(5, (1, 1), strides=strides, use_bias=False,
+  x = jax.random.normal(jax.random.key(0), (3, size, size, 8))
+  pad = kernel_size // 2
+  dot = MatmulConv(5, kernel_size, strides, pad)
+  conv = nn.Conv(5, (kernel_size, kernel_size), strides=strides, padding=pad, use_bias=False,
                  kernel_init=models.resnet.kaiming_fan_out)
   params = conv.init(jax.random.key(1), x)
   chex.assert_trees_all_equal_shapes(params, dot.init(jax.random.key(1), x))

@@ -38,33 +38,54 @@ def _head_pool(x: jax.Array, kind: str) -> jax.Array:
   return jnp.mean(x, axis=(1, 2))
 
 
-class PointwiseConv(nn.Module):
-  """A bias-free 1x1 convolution written as a matrix product over the channel axis.
+class MatmulConv(nn.Module):
+  """A bias-free k x k convolution written as one matrix product of image patches.
 
-  Same parameter ('kernel', shape (1, 1, in, out)) and initialisation as ``nn.Conv(out, (1, 1))``,
-  so checkpoints are interchangeable; equal to it up to float rounding. XLA:CPU runs the gradients
-  of this contraction 2-3x faster than those of the convolution.
+  Same parameter ('kernel', shape (k, k, in, out)) and initialisation as ``nn.Conv(out, (k, k))``,
+  so checkpoints are interchangeable; equal to it up to float rounding. Used where XLA:CPU's
+  convolution is slow: 1x1 convolutions on CPU (``conv1x1``), and on every backend for maps
+  smaller than the kernel (the 3x3 convolutions of ResNet's 2x2 last stage at 64 px, which XLA:CPU
+  runs ~80x slower than this product; BENCHMARKS.md section 8).
   """
   features: int
+  kernel_size: int = 1
   strides: int = 1
+  padding: int = 0
   dtype: Any = None
   kernel_init: Any = kaiming_fan_out
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    k, s = self.kernel_size, self.strides
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    if self.strides > 1:
-      x = x[:, ::self.strides, ::self.strides]
-    return jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])
+    if self.padding:
+      x = jnp.pad(x, ((0, 0), (self.padding,) * 2, (self.padding,) * 2, (0, 0)))
+    height, width = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
+    patches = jnp.concatenate(        # (N, H', W', k*k*in), tap-major like the kernel's layout
+        [x[:, i:i + s * (height - 1) + 1:s, j:j + s * (width - 1) + 1:s]
+         for i in range(k) for j in range(k)], axis=-1)
+    return jnp.einsum('nhwc,co->nhwo', patches, kernel.reshape(-1, self.features))
+
+
+def _conv(features: int, kernel_size: int, dtype, strides: int = 1, *, as_matmul: bool,
+          name: str):
+  """A bias-free 'same'-padded convolution module: nn.Conv, or MatmulConv when ``as_matmul``."""
+  padding = kernel_size // 2
+  if as_matmul:
+    return MatmulConv(features, kernel_size, strides, padding, dtype=dtype, name=name)
+  return nn.Conv(features, (kernel_size, kernel_size), strides=strides, padding=padding,
+                 use_bias=False, dtype=dtype, kernel_init=kaiming_fan_out, name=name)
 
 
 def _conv1x1(kind: str, features: int, dtype, strides: int = 1, name: str | None = None):
-  """A 1x1 convolution module: ``'conv'`` (nn.Conv, the default) or ``'dot'`` (PointwiseConv)."""
-  if kind == 'dot':
-    return PointwiseConv(features, strides, dtype=dtype, name=name)
-  return nn.Conv(features, (1, 1), strides=strides, use_bias=False, dtype=dtype,
-                 kernel_init=kaiming_fan_out, name=name)
+  """A 1x1 convolution module: ``'conv'`` (nn.Conv) or ``'dot'`` (MatmulConv)."""
+  return _conv(features, 1, dtype, strides, as_matmul=kind == 'dot', name=name)
+
+
+def _conv3x3(x: jax.Array, features: int, dtype, strides: int = 1, *, name: str):
+  """A 3x3 convolution module for input ``x``: a matrix product on maps smaller than the kernel."""
+  return _conv(features, 3, dtype, strides, as_matmul=min(x.shape[1:3]) < 3, name=name)
 
 
 def _avg_pool(x: jax.Array, stride: int) -> jax.Array:
@@ -82,16 +103,14 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mode, weights):
-    conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kaiming_fan_out)
     norm = partial(ContextBatchNorm, dtype=self.dtype)
     last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
     pool_main = self.downsample == 'avgpool'
-    y = conv(self.planes, (3, 3), strides=1 if pool_main else self.stride, padding=1,
-             name='conv1')(x)
+    y = _conv3x3(x, self.planes, self.dtype, 1 if pool_main else self.stride, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y, mode, weights))
     if pool_main:
       y = _avg_pool(y, self.stride)
-    y = conv(self.planes, (3, 3), padding=1, name='conv2')(y)
+    y = _conv3x3(y, self.planes, self.dtype, name='conv2')(y)
     y = norm(scale_init=last_init, name='bn2')(y, mode, weights)
     return nn.relu(y + _shortcut(self, x, self.planes, mode, weights))
 
@@ -107,14 +126,12 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, mode, weights):
-    conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kaiming_fan_out)
     norm = partial(ContextBatchNorm, dtype=self.dtype)
     last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
     pool_main = self.downsample == 'avgpool'
     y = _conv1x1(self.conv1x1, self.planes, self.dtype, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y, mode, weights))
-    y = conv(self.planes, (3, 3), strides=1 if pool_main else self.stride, padding=1,
-             name='conv2')(y)
+    y = _conv3x3(y, self.planes, self.dtype, 1 if pool_main else self.stride, name='conv2')(y)
     y = nn.relu(norm(name='bn2')(y, mode, weights))
     if pool_main:
       y = _avg_pool(y, self.stride)
