@@ -30,6 +30,8 @@ _PERTURBED = flags.DEFINE_integer('perturbed', 16, 'Perturbed (labelled) images 
 _CONTROLS = flags.DEFINE_integer('controls', 32, 'Control images per context.')
 _CHANNELS = flags.DEFINE_integer('channels', 5, 'Image channels.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per framework (after one warm-up step).')
+_PAUSE = flags.DEFINE_float('pause', 0.5, 'Seconds of idle between calls, so that neither '
+                            "framework's still-spinning worker threads slow the other's call.")
 _CONV1X1 = flags.DEFINE_list('conv1x1', ['conv', 'dot'],
                              "JAX variants timed: 1x1 convolutions as 'conv' and/or 'dot'.")
 
@@ -95,7 +97,7 @@ def torch_fns(name: str, images, labels) -> tuple[Callable, Callable]:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
   def forward():
     with torch.no_grad():
@@ -133,14 +135,15 @@ def jax_fns(name: str, images, labels, conv1x1: str) -> tuple[Callable, Callable
   return step, forward
 
 
-def alternate(fns: dict[str, Callable], steps: int) -> dict[str, Any]:
-  """One warm-up call each (JAX compiles), then `steps` rounds calling every fn in turn; the
-  median seconds of each and PyTorch's median over each JAX variant's."""
+def alternate(fns: dict[str, Callable], steps: int, pause: float) -> dict[str, Any]:
+  """One warm-up call each (JAX compiles), then `steps` rounds calling every fn in turn, `pause`
+  seconds apart; the median seconds of each and PyTorch's median over each JAX variant's."""
   for fn in fns.values():
     fn()
   times = {k: [] for k in fns}
   for _ in range(steps):
     for which, fn in fns.items():
+      time.sleep(pause)
       start = time.perf_counter()
       fn()
       times[which].append(time.perf_counter() - start)
@@ -166,11 +169,13 @@ def main(argv):
       fns = {f'jax_{kind}': jax_fns(name, images, labels, kind) for kind in _CONV1X1.value}
       fns['torch'] = torch_fns(name, images, labels)
       rows.append({'model': name, 'image_size': size, 'images': m, **{
-          what: alternate({k: v[i] for k, v in fns.items()}, _STEPS.value)
+          what: alternate({k: v[i] for k, v in fns.items()}, _STEPS.value,
+                          _PAUSE.value)
           for i, what in enumerate(('step', 'forward'))}})
       print(json.dumps(rows[-1]), flush=True)
   print(json.dumps({'bench': 'torch_vs_jax', 'host': host_info(('numpy', 'jax', 'flax', 'torch')),
                     'torch_threads': torch.get_num_threads(), 'conv1x1': _CONV1X1.value,
+                    'steps': _STEPS.value, 'pause_s': _PAUSE.value,
                     'dtype': 'float32', 'results': rows}, indent=1))
 
 

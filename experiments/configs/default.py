@@ -33,8 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict({
       'name': 'resnet50',
-      # conv1x1: 'conv' | 'dot' (1x1 convolutions as matrix products: faster on CPU, same
-      # parameters, equal up to float rounding -- not bit-identical, hence off by default)
+      # conv1x1: 'conv' | 'dot' (1x1 convolutions as matrix products: ResNet-50's CPU step 1.4x
+      # faster, BENCHMARKS.md section 8; same parameters, equal up to float rounding -- not
+      # bit-identical, hence off by default)
       'options': {'width': 64, 'downsample': 'avgpool', 'zero_init_last_bn': True,
                   'conv1x1': 'conv'},
       'dtype': 'float32',           # compute dtype; 'bfloat16' keeps float32 parameters/statistics
