@@ -181,3 +181,33 @@ def test_1x1_convolutions_as_matrix_products_give_the_same_model(downsample):
                                                              variables['params'], x)
          for b in blocks]
   _assert_close_to_scale(out[1], out[0])
+
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, 'jaxpr', sub)                    # ClosedJaxpr -> Jaxpr
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _equations(sub)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
+def test_no_convolution_runs_on_a_map_smaller_than_its_kernel(name):
+  """At 64 px the last stage's maps are 2x2: its 3x3 layers must be matrix products, not
+  convolutions (XLA:CPU runs those ~80x slower; BENCHMARKS.md section 8)."""
+  model = models.create(name, 4, width=4)
+  x = jnp.zeros((2, 64, 64, 5))
+  variables = models.init_variables(model, jax.random.key(0), x)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda v: model.apply(v, x, norm='context').sum()))(variables)
+  convs = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == 'conv_general_dilated']
+  assert len(convs) >= 20                                   # forward and backward convolutions
+  for eqn in convs:
+    lhs, rhs = (v.aval.shape for v in eqn.invars)
+    spec = eqn.params['dimension_numbers']
+    spatial = [lhs[d] for d in spec.lhs_spec[2:]]
+    window = [rhs[d] for d in spec.rhs_spec[2:]]
+    assert min(spatial) >= max(window), (lhs, rhs, spec)
