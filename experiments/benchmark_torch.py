@@ -169,8 +169,7 @@ def main(argv):
       fns = {f'jax_{kind}': jax_fns(name, images, labels, kind) for kind in _CONV1X1.value}
       fns['torch'] = torch_fns(name, images, labels)
       rows.append({'model': name, 'image_size': size, 'images': m, **{
-          what: alternate({k: v[i] for k, v in fns.items()}, _STEPS.value,
-                          _PAUSE.value)
+          what: alternate({k: v[i] for k, v in fns.items()}, _STEPS.value, _PAUSE.value)
           for i, what in enumerate(('step', 'forward'))}})
       print(json.dumps(rows[-1]), flush=True)
   print(json.dumps({'bench': 'torch_vs_jax', 'host': host_info(('numpy', 'jax', 'flax', 'torch')),

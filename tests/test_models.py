@@ -183,7 +183,6 @@ def test_1x1_convolutions_as_matrix_products_give_the_same_model(downsample):
   _assert_close_to_scale(out[1], out[0])
 
 
-
 def _equations(jaxpr):
   """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
   for eqn in jaxpr.eqns:
