@@ -194,6 +194,19 @@ def _equations(jaxpr):
           yield from _equations(sub)
 
 
+@pytest.mark.parametrize('name', ['resnet18', 'cnn'])
+def test_gradients_route_through_max_pool_without_a_scatter(name):
+  """The models' max pools are nn.max_pool's values with csarm_jax.nn.max_pool's gradient:
+  XLA:CPU runs select_and_scatter 4-5x slower (BENCHMARKS.md section 8)."""
+  model = models.create(name, 4, width=4)
+  x = jnp.zeros((2, 32, 32, 5))
+  variables = models.init_variables(model, jax.random.key(0), x)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda v: model.apply(v, x, norm='context').sum()))(variables)
+  primitives = {e.primitive.name for e in _equations(jaxpr.jaxpr)}
+  assert 'conv_general_dilated' in primitives and 'max' in primitives
+  assert not {p for p in primitives if p.startswith('select_and') or p == 'reduce_window_max'}
+
+
 @pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
 def test_no_convolution_runs_on_a_map_smaller_than_its_kernel(name):
   """At 64 px the last stage's maps are 2x2: its 3x3 layers must be matrix products, not

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from csarm_jax.nn import ContextBatchNorm
+from csarm_jax.nn import ContextBatchNorm, max_pool
 
 # as torch's kaiming_normal_
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -188,7 +188,7 @@ class ResNet(nn.Module):
     x = nn.Conv(self.width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
                 kernel_init=kaiming_fan_out, name='stem_conv')(x)
     x = nn.relu(ContextBatchNorm(dtype=self.dtype, name='stem_bn')(x, norm, weights))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, 3)         # nn.max_pool's 3x3, stride 2, padding 1; scatter-free gradient
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1

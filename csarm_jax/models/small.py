@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from csarm_jax.models.resnet import kaiming_fan_out
-from csarm_jax.nn import ContextBatchNorm
+from csarm_jax.nn import ContextBatchNorm, max_pool
 
 DROPOUT = 'dropout'               # the rng collection that switches dropout on
 
@@ -37,7 +37,7 @@ class CNN(nn.Module):
                   kernel_init=kaiming_fan_out, name=f'conv{i}')(x)
       x = nn.relu(ContextBatchNorm(dtype=self.dtype, name=f'bn{i}')(x, norm, weights))
       if i < self.num_stages - 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x, 2)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
     return (logits, features) if return_features else logits
