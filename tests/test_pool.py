@@ -14,7 +14,7 @@ def _reference(x, window):
 
 
 def _value_and_grad(pool, x, cotangent):
-  """pool(x) and the gradient of <pool(x), cotangent>, jitted."""
+  """pool(x) and the gradient of <pool(x), cotangent>."""
   out, vjp = jax.vjp(pool, x)
   return out, vjp(cotangent)[0]
 

@@ -5,11 +5,12 @@
 
 ``nn.max_pool``'s gradient is XLA's ``select_and_scatter``, which XLA:CPU runs 4-5x slower than
 this (ResNet's stem pool, 48 x 64² x 64: 330 vs 83 ms forward + backward; BENCHMARKS.md section 8)
-and whose index buffers dominate its memory plan (section 7). Here the 2-D pool is two 1-D pools
-(the columns' maxima, then the rows'), each a maximum over two or three strided taps that also
-records which tap won (int8): the backward pass routes each cotangent with elementwise selects to
-the window's first maximal element in row-major order, the element ``nn.max_pool``'s gradient
-picks. Same values forward; gradients equal up to the order of float sums where windows overlap.
+and which adds index and scatter buffers to the memory plan (section 7). Here the 2-D pool is two
+1-D pools (the columns' maxima, then the rows'), each a maximum over two or three strided taps
+that also records which tap won (int8): the backward pass routes each cotangent with elementwise
+selects to the window's first maximal element in row-major order, the element ``nn.max_pool``'s
+gradient picks. Same values forward; gradients equal up to the order of float sums where windows
+overlap.
 """
 from __future__ import annotations
 
