@@ -137,8 +137,9 @@ def _batch_arrays(method, make):
 
 def memory_benchmark() -> dict[str, Any]:
   """Compiles the step for the flags' shapes without running it (nothing the size of the batch or
-  the activations is allocated) and reports XLA's buffer plan and cost estimate. Set
-  ``XLA_FLAGS=--xla_dump_to=DIR`` to see the buffer assignment that sets the peak."""
+  the activations is allocated) and reports XLA's buffer plan and cost estimate, and how many of
+  remat's optimization barriers the compiled program kept. Set ``XLA_FLAGS=--xla_dump_to=DIR`` to
+  see the buffer assignment that sets the peak."""
   import jax
   from csarm_jax import parallel, training
 
@@ -150,8 +151,12 @@ def memory_benchmark() -> dict[str, Any]:
   batch = _batch_arrays(method, lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=parallel.context_sharded(mesh)))
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  lowered = step.lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
+  # remat's recomputation stays in the backward pass only while its barriers survive compilation
+  barriers = {'lowered': lowered.as_text().count('stablehlo.optimization_barrier'),
+              'compiled': compiled.as_text().count(' opt-barrier(')}
   mem = compiled.memory_analysis()
   gib = lambda b: round(b / 2 ** 30, 3)
   memory = {k: gib(getattr(mem, f'{k}_size_in_bytes')) for k in
@@ -163,7 +168,8 @@ def memory_benchmark() -> dict[str, Any]:
   return {'bench': 'memory', 'host': host_info(), 'model': _MODEL.value, 'width': _WIDTH.value,
           'dtype': _DTYPE.value, 'method': method.name, 'shapes': _shapes(method),
           'contexts_per_microbatch': _MICRO.value or _CONTEXTS.value, 'remat': _REMAT.value,
-          'compile_s': round(compile_s, 1), 'memory_gib_per_device': memory,
+          'compile_s': round(compile_s, 1), 'optimization_barriers': barriers,
+          'memory_gib_per_device': memory,
           'peak_estimate_gib': (memory['argument'] + memory['output'] - memory['alias'] +
                                 memory['temp']) if memory else None,
           'flops': flops, 'gflop_per_image': round(flops / images / 1e9, 2) if flops else None,

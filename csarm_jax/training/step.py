@@ -162,7 +162,20 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
   return step
 
 
+# XLA:CPU expands the optimization barriers that jax.checkpoint places around the backward pass's
+# recomputation before it schedules, so the recomputation is merged back into the forward and a
+# rematerialised step keeps every activation (BENCHMARKS.md section 7). Keeping the barriers makes
+# model.remat save memory on CPU as it does on GPU and TPU; without remat there are none to keep.
+CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+
+
+def compiler_options(mesh) -> dict[str, str] | None:
+  """The step's XLA options for the mesh's backend (CPU: keep remat's barriers; else none)."""
+  return CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
+
+
 def compile_train_step(step: Callable, mesh) -> Callable:
   """jit with the state replicated (and donated) and the batch sharded over contexts."""
   repl, shard = replicated(mesh), context_sharded(mesh)
-  return jax.jit(step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
+  return jax.jit(step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0,
+                 compiler_options=compiler_options(mesh))
