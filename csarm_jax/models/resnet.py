@@ -153,6 +153,15 @@ def _shortcut(block: nn.Module, x, out_features: int, mode, weights):
   return ContextBatchNorm(dtype=block.dtype, name='shortcut_bn')(x, mode, weights)
 
 
+def _stem(resnet: 'ResNet', x, norm, weights):
+  """7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max-pool; its modules belong to ``resnet``, so
+  wrapping it in ``nn.remat`` leaves the parameter names as they are."""
+  x = nn.Conv(resnet.width, (7, 7), strides=2, padding=3, use_bias=False, dtype=resnet.dtype,
+              kernel_init=kaiming_fan_out, name='stem_conv')(x)
+  x = nn.relu(ContextBatchNorm(dtype=resnet.dtype, name='stem_bn')(x, norm, weights))
+  return max_pool(x, 3)        # nn.max_pool's 3x3, stride 2, padding 1; scatter-free gradient
+
+
 class ResNet(nn.Module):
   """ResNet classifier. ``__call__(x, norm=..., weights=None, return_features=False)``."""
   stage_sizes: Sequence[int]
@@ -164,7 +173,8 @@ class ResNet(nn.Module):
   zero_init_last_bn: bool = True
   head_pool: str = 'global'        # 'global' (mean) | 'reference' (AvgPool(7, stride 1), then mean)
   dtype: Any = jnp.float32         # compute dtype; parameters and BN statistics stay float32
-  remat: bool = False              # recompute each block's activations in the backward pass
+  remat: bool = False              # recompute the stem's and each block's activations in the
+                                   # backward pass (the forward keeps their inputs only)
   conv1x1: str = 'conv'            # 'conv' | 'dot': 1x1 convolutions as matrix products (faster
                                    # on CPU; same parameters, equal up to float rounding)
   input_rank = 4
@@ -178,17 +188,14 @@ class ResNet(nn.Module):
     if self.conv1x1 not in ('conv', 'dot'):
       raise ValueError(f"conv1x1 must be 'conv' or 'dot', got {self.conv1x1!r}")
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
-    if self.remat:      # keeps only block inputs for the backward pass; `mode` (arg 2) is static
+    if self.remat:      # `mode` (argument 2) is static
       block_cls = nn.remat(block_cls, static_argnums=(2,))
     min_size = 2 ** (len(self.stage_sizes) + 1)      # stem /2, max-pool /2, each later stage /2
     if min(x.shape[1:3]) < min_size:
       raise ValueError(f'{self.num_classes}-class ResNet needs images of at least '
                        f'{min_size}x{min_size} pixels, got {x.shape[1]}x{x.shape[2]}')
-    x = x.astype(self.dtype)
-    x = nn.Conv(self.width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
-                kernel_init=kaiming_fan_out, name='stem_conv')(x)
-    x = nn.relu(ContextBatchNorm(dtype=self.dtype, name='stem_bn')(x, norm, weights))
-    x = max_pool(x, 3)         # nn.max_pool's 3x3, stride 2, padding 1; scatter-free gradient
+    stem = nn.remat(_stem, static_argnums=(2,)) if self.remat else _stem
+    x = stem(self, x.astype(self.dtype), norm, weights)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
