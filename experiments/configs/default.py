@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
       'options': {'width': 64, 'downsample': 'avgpool', 'zero_init_last_bn': True,
                   'conv1x1': 'conv'},
       'dtype': 'float32',           # compute dtype; 'bfloat16' keeps float32 parameters/statistics
-      'remat': False,               # ResNets: recompute each block in the backward pass (memory)
+      'remat': False,               # ResNets: recompute the stem and each block in the backward
+                                    # pass (paper step, micro-batch 1: 31.6 -> 6.6 GiB planned)
   })
 
   c.data = ml_collections.ConfigDict({
