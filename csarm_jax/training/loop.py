@@ -28,7 +28,7 @@ from tqdm import tqdm
 from csarm_jax.data import pipeline
 from csarm_jax.evaluation import protocol, suite
 from csarm_jax import nested, parallel
-from csarm_jax.training import checkpoint, experiment
+from csarm_jax.training import checkpoint, experiment, fit
 from csarm_jax.training import workdir as workdir_lib
 from csarm_jax.training.metrics_log import MetricsLog
 from csarm_jax.training.state import TrainState, abstract_state, create_state
@@ -119,10 +119,11 @@ def train(exp: experiment.Experiment, workdir: str,
     state = parallel.replicate(create_state(exp.model, exp.tx, jax.random.key(c.seed),
                                             exp.example_input), exp.mesh)
 
-  step_fn = compile_train_step(make_train_step(exp.model, exp.method, exp.tx, exp.preprocess,
-                                               c.data.get('contexts_per_microbatch'),
-                                               seed=c.seed, total_steps=exp.total_steps),
-                              exp.mesh)
+  step_fn = fit.fitted_train_step(
+      lambda micro: compile_train_step(make_train_step(exp.model, exp.method, exp.tx,
+                                                       exp.preprocess, micro, seed=c.seed,
+                                                       total_steps=exp.total_steps), exp.mesh),
+      exp.mesh, c.data.get('contexts_per_microbatch'), fit.device_memory_budget(exp.mesh))
   eval_step = compiled_eval_step(exp.model, exp.method, exp.preprocess, exp.mesh)
   log = MetricsLog(workdir, enabled=jax.process_index() == 0,
                   resumed_at=int(state.step) if restored is not None else None)

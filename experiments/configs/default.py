@@ -49,8 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
       'num_perturbed': 64,          # labelled images per training context
       'num_controls': 128,          # same-plate DMSO controls per context (methods that use them)
       'contexts_per_step': 8,       # contexts per optimizer update (a multiple of the devices)
-      # Contexts forwarded at once inside the step (None: all; else divides contexts_per_step, a
-      # multiple of the devices): gradients accumulate over micro-batches, memory follows it.
+      # Contexts forwarded at once inside the step (divides contexts_per_step, a multiple of the
+      # devices): gradients accumulate over micro-batches, memory follows it. None: the largest
+      # that fits the device's memory (GPU/TPU; training/fit.py), all at once on CPU.
       'contexts_per_microbatch': config_dict.placeholder(int),
       'too_few': 'replace',         # plates with too few images: sample with replacement (reported)
       'skip_bad_plates': True,      # skip (and report) plates that cannot form a context and
