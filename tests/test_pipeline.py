@@ -1,5 +1,6 @@
 """The pipeline on a small store: batch contract, crops, determinism, resume, process shares,
 normalisation statistics against numpy."""
+import copy
 import dataclasses
 import itertools
 import weakref
@@ -100,9 +101,36 @@ def _check_batch(batch, store, items, c, m, train):
     assert batch['labels'][i, j] == table.loc[row, 'label']
     assert batch['is_control'][i, j] == table.loc[row, 'is_control']
     if train:
-      assert _is_crop_of(batch['images'][i, j], items[row])
+      image = batch['images'][i, j]
+      assert _is_crop_of(image[:, ::-1] if batch['flip_w'][i, j] else image, items[row])
     else:
       np.testing.assert_array_equal(batch['images'][i, j], items[row, 2:18, 2:18])
+
+
+def test_horizontal_flips_are_left_to_the_device(written):
+  """read_contexts reads each crop with its vertical flip and returns the horizontal one, which
+  ``flip_w_on_device`` applies: together exactly the windows drawn from the same generators."""
+  store, items, fold = written
+  index = data.index_plates(store.table, fold.train, num_classes=len(store.class_ids))
+  rngs = [np.random.default_rng([7, i]) for i in range(6)]
+  contexts = [data.training_context(index, rng, 6, 4) for rng in rngs]
+  saved = copy.deepcopy(rngs)                       # the generators' states after sampling
+  batch = data.read_contexts(store, contexts, CROP, rngs)
+  windows = augment.concatenate([augment.crop_windows(c.num_real, 20, 20, CROP, rng)
+                                 for c, rng in zip(contexts, copy.deepcopy(saved))])
+  rows = batch['rows'].ravel()
+  expected = augment.apply_windows(items[rows], windows).reshape(batch['images'].shape)
+  flip_w = batch['flip_w']
+  assert flip_w.dtype == bool and flip_w.shape == rows.reshape(6, -1).shape
+  np.testing.assert_array_equal(flip_w.ravel(), windows.flip_w)
+  assert flip_w.any() and not flip_w.all() and windows.flip_h.any()
+  np.testing.assert_array_equal(np.asarray(augment.flip_w_on_device(batch['images'], flip_w)),
+                                expected)
+  on_host = data.read_contexts(store, contexts, CROP, saved, defer_flip_w=False)
+  np.testing.assert_array_equal(on_host['images'], expected)
+  assert not on_host['flip_w'].any()
+  centre = data.read_contexts(store, contexts, CROP)
+  assert not centre['flip_w'].any()
 
 
 def test_training_batches_follow_the_contract(written):

@@ -281,3 +281,21 @@ def test_micro_batch_must_divide_the_contexts():
     step(state, jax.tree.map(jnp.asarray, make_batch()))
   with pytest.raises(ValueError, match='multiple of the number of devices'):
     training.check_microbatch(8, 2, num_devices=4)
+
+
+@pytest.mark.parametrize('micro', [None, 2])
+def test_deferred_horizontal_flips_equal_flipping_on_the_host(micro):
+  """The step applies the batch's ``flip_w`` before anything else: the update equals the one on
+  images flipped beforehand (sharded over 4 devices, all at once and micro-batched)."""
+  batch = make_batch(num_contexts=4)
+  flip_w = np.random.default_rng(1).random(batch['labels'].shape) < 0.5
+  host = {**batch, 'images': np.where(flip_w[..., None, None, None],
+                                      batch['images'][..., ::-1, :], batch['images'])}
+  mesh = parallel.make_mesh()
+  expected, m_expected = run_steps('cs_arm_bn', mesh, [host], contexts_per_microbatch=micro)
+  got, m_got = run_steps('cs_arm_bn', mesh, [{**batch, 'flip_w': flip_w}],
+                         contexts_per_microbatch=micro)
+  chex.assert_trees_all_close(got.params, expected.params, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(m_got['loss'], m_expected['loss'], rtol=1e-6)
+  unflipped, _ = run_steps('cs_arm_bn', mesh, [batch], contexts_per_microbatch=micro)
+  assert not np.allclose(jax.tree.leaves(unflipped.params)[0], jax.tree.leaves(got.params)[0])

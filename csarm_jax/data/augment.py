@@ -5,13 +5,16 @@
     crops   = apply_windows(images, windows)          # in-memory images: slicing, one copy
 
 The pipeline applies the same windows inside the store read (``ImageStore.read_crops``), so only
-the crops are ever copied out. Scaling to float and normalising happen on the accelerator
-(``normalization.normalize``): batches travel as uint8/uint16.
+the crops are ever copied out -- except horizontal flips, which it leaves to the accelerator
+(``flip_w_on_device``, in the training step). Scaling to float and normalising happen on the
+accelerator too (``normalization.normalize``): batches travel as uint8/uint16.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -70,3 +73,9 @@ def random_crop_flip(images: np.ndarray, size: int | None, rng: np.random.Genera
 def center_crop(images: np.ndarray, size: int | None) -> np.ndarray:
   """Evaluation/prediction crops of in-memory images."""
   return apply_windows(images, crop_windows(len(images), *images.shape[1:3], size))
+
+
+def flip_w_on_device(images: jax.Array, flip_w: jax.Array) -> jax.Array:
+  """(..., h, w, ch) images with those where ``flip_w`` (...) is set reversed along w (jit-able;
+  the batch contract's deferred horizontal flips)."""
+  return jnp.where(flip_w[..., None, None, None], jnp.flip(images, axis=-2), images)

@@ -10,6 +10,8 @@ Batch contract (M = N + K rows per context; real rows first -- perturbed, then c
 padding):
 
     images      (C, M, h, w, ch) uint8/uint16 crops   or (C, M, D) float32 for feature stores
+    flip_w      (C, M) bool     image stores: crops still to be flipped along w (horizontally),
+                                on the accelerator (``augment.flip_w_on_device``, by the train step)
     labels      (C, M) int32    class id of labelled rows; -1 for controls, unlabelled rows, padding
     mask        (C, M) float32  1 for real rows (perturbed and controls), 0 for padding
     is_control  (C, M) bool
@@ -17,7 +19,10 @@ padding):
     rows        (C, M) int64    store rows; -1 for padding
     domain      (C, M) int32    domain id of each row, -1 for padding (sampling 'domains' only)
 
-Images stay integers: normalise on the accelerator with ``normalization.normalize``.
+Images stay integers: normalise on the accelerator with ``normalization.normalize``. Vertical
+flips are applied on the host (a crop's rows read in reverse order cost nothing); horizontal flips
+are left to the accelerator (``flip_w``): on the host a reversed w axis is a copy one pixel at a
+time, which made the loader ~20 % slower (BENCHMARKS.md section 2).
 
 Every context is a pure function of (seed, global context index): training contexts draw from
 ``np.random.default_rng([seed, index])``, evaluation contexts are fixed up front. So the order
@@ -33,6 +38,7 @@ references the batch any more. Resident memory is about (prefetch_buffer_size + 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any, Callable, Iterator, Sequence
@@ -53,13 +59,15 @@ _ENDLESS = 2 ** 60            # the batches of an "endless" iterator
 
 def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
                   rngs: Sequence[np.random.Generator] | None = None, flips: bool = True,
-                  pool: BufferPool | None = None) -> Batch:
+                  pool: BufferPool | None = None, defer_flip_w: bool = True) -> Batch:
   """Stacks equal-size contexts into a batch, reading all their crops in one store read: the one
   preprocessing path of training, evaluation and prediction.
 
   ``rngs`` (one per context) given: random crops (and flips), for training; None: centre crops.
   ``crop_size=None``: the largest square (the whole image if square). Feature stores are read
   whole. Padding rows are zeros. ``pool``: where a batch without padding gets its image memory.
+  Horizontal flips are returned as ``flip_w`` for the accelerator (see the module's contract);
+  ``defer_flip_w=False``: applied here too, and ``flip_w`` is all False.
   """
   rows = np.stack([c.rows for c in contexts])
   real = rows >= 0
@@ -72,6 +80,10 @@ def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
     out = None
     if pool is not None and real.all():
       out = pool.empty((rows.size, windows.size, windows.size, store.item_shape[-1]), store.dtype)
+    flip_w = np.zeros(rows.shape, bool)
+    if defer_flip_w:
+      flip_w[real] = windows.flip_w
+      windows = dataclasses.replace(windows, flip_w=np.zeros_like(windows.flip_w))
     items = store.read_crops(rows[real], windows, out)
   else:
     items = store.read(rows[real])
@@ -85,7 +97,10 @@ def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
          'plate': np.array([c.plate for c in contexts], np.int32), 'rows': rows}
   if contexts[0].domain is not None:
     out['domain'] = np.stack([c.domain for c in contexts])
+  if store.kind == 'images':
+    out['flip_w'] = flip_w
   return out
+
 
 
 class Batches:
@@ -173,7 +188,7 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
                      num_threads: int = 2, prefetch_buffer_size: int | None = None,
                      domain_of: dict[str, int] | None = None,
                      unlabelled_plates: Sequence[str] = (), num_unlabelled: int = 0,
-                     domains_per_context: int = 4) -> Batches:
+                     domains_per_context: int = 4, defer_flip_w: bool = True) -> Batches:
   """Endless (or ``num_batches``) training batches of C = ``contexts_per_batch`` contexts.
 
   sampling 'plate': each context is one uniformly drawn plate's N perturbed + K controls (K = 0:
@@ -181,7 +196,8 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
   0); 'domains' (DANN, Deep CORAL): N labelled images from ``domains_per_context`` domains, plus
   ``num_unlabelled`` images of ``unlabelled_plates`` (labels -1), each row's domain id
   (``domain_of``: plate -> id) in ``batch['domain']`` (see ``domains``). See ``contexts`` for
-  sampling and bad-input rules.
+  sampling and bad-input rules. ``defer_flip_w``: leave horizontal flips to the training step
+  (``batch['flip_w']``, the default) or apply them on the host (slower; for other consumers).
   """
   _check_sharding(contexts_per_batch, process_index, process_count)
   ctx_lib.check_too_few(too_few)           # at start, not when a short plate is first drawn
@@ -215,7 +231,8 @@ def training_batches(store, plates: Sequence[str], *, num_perturbed: int = 64,
 
   def contexts_of(indices: list[int]) -> Batch:
     rngs = [np.random.default_rng([seed, g]) for g in indices]
-    return read_contexts(store, [sample(rng) for rng in rngs], crop_size, rngs, flips, pool)
+    return read_contexts(store, [sample(rng) for rng in rngs], crop_size, rngs, flips, pool,
+                         defer_flip_w)
 
   # The key stays 'mode' so that iterator states saved before the rename still match.
   settings = dict(what='training', mode=sampling, N=num_perturbed, K=num_controls,

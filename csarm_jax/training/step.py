@@ -1,7 +1,8 @@
 """The compiled training step shared by every method.
 
 A batch holds C contexts (leading axis; see csarm_jax.data.pipeline for the contract): ``images``
-(C, M, ...), ``labels`` (C, M; -1 = unlabelled), ``mask`` (C, M; 0 = padding) and ``is_control``.
+(C, M, ...), ``labels`` (C, M; -1 = unlabelled), ``mask`` (C, M; 0 = padding), ``is_control`` and,
+optionally, ``flip_w`` (C, M): the horizontal flips the pipeline leaves to the step, applied first.
 The step vmaps the method's context forward over C -- each context normalised with its own
 statistics, gradients flowing through them -- averages each context's mean cross-entropy over its
 labelled rows -- plus, for a method with an ``objective`` (DANN, CORAL), the mean over contexts of
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import optax
 import flax.linen as nn
 
+from csarm_jax.data.augment import flip_w_on_device
 from csarm_jax.methods import Method, labelled_cross_entropy
 from csarm_jax.models import DROPOUT
 from csarm_jax.nn import RUNNING_STATS
@@ -90,16 +92,18 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
     """Per-context (loss_sum, count, correct, objective) and running averages of a group."""
     variables = {'params': params, RUNNING_STATS: batch_stats}
 
-    def one_context(images, labels, mask, is_control, key, domain=None):
-      out, running = method.forward(model, variables, preprocess(images), mask, is_control,
-                                    train=True, rngs={DROPOUT: key},
+    def one_context(c: Batch):
+      images = c['images'] if 'flip_w' not in c else flip_w_on_device(c['images'], c['flip_w'])
+      out, running = method.forward(model, variables, preprocess(images), c['mask'],
+                                    c['is_control'], train=True, rngs={DROPOUT: c[DROPOUT]},
                                     return_features=objective is not None)
       if objective is None:
-        return labelled_cross_entropy(out, labels) + (jnp.float32(0.0),), running
+        return labelled_cross_entropy(out, c['labels']) + (jnp.float32(0.0),), running
       logits, features = out
-      extra = objective.loss(model, variables, features, domain, mask, progress)
-      return labelled_cross_entropy(logits, labels) + (extra,), running
-    return jax.vmap(one_context)(*(group[k] for k in keys))
+      extra = objective.loss(model, variables, features, c['domain'], c['mask'], progress)
+      return labelled_cross_entropy(logits, c['labels']) + (extra,), running
+    return jax.vmap(one_context)({k: group[k] for k in keys + (('flip_w',) if 'flip_w' in group
+                                                               else ())})
 
   def all_at_once(state: TrainState, batch: Batch, progress):
     def loss_fn(params):
@@ -113,7 +117,7 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
 
   def micro_batched(state: TrainState, batch: Batch, size: int, progress):
     num_contexts = batch['labels'].shape[0]
-    group_batch = {k: batch[k] for k in keys}
+    group_batch = {k: batch[k] for k in keys + (('flip_w',) if 'flip_w' in batch else ())}
     group_batch['weight'] = context_weights(batch['labels'])
 
     def body(carry, group):
