@@ -51,6 +51,9 @@ _COMPRESSIONS = flags.DEFINE_list('compressions', [DEFAULT_COMPRESSION],
 _TILES = flags.DEFINE_list('tiles', ['0'],
                            'loader: store tile sides (0: default; 540: whole images).')
 _THREADS = flags.DEFINE_integer('num_threads', 2, 'loader/train: grain reader threads.')
+_FLIP_W = flags.DEFINE_list('flip_w', ['device'],
+                            'loader: where horizontal flips go, in turn (device, host).')
+_ROUNDS = flags.DEFINE_integer('rounds', 1, 'loader: serving runs per --flip_w, alternating.')
 
 
 def _timed(fn, steps: int) -> tuple[float, list[float]]:
@@ -132,7 +135,8 @@ def _batch_arrays(method, make):
       _CHANNELS.value
   return {
       'images': make((c, m, size, size, ch), np.uint8), 'labels': make((c, m), np.int32),
-      'mask': make((c, m), np.float32), 'is_control': make((c, m), np.bool_)}
+      'mask': make((c, m), np.float32), 'is_control': make((c, m), np.bool_),
+      'flip_w': make((c, m), np.bool_)}
 
 
 def memory_benchmark() -> dict[str, Any]:
@@ -187,7 +191,8 @@ def _random_batch(mesh, method):
   return parallel.global_batch({
       'images': rng.integers(0, 256, (c, n + k, size, size, ch), dtype=np.uint8), 'labels': labels,
       'mask': np.ones((c, n + k), np.float32),
-      'is_control': np.arange(n + k)[None].repeat(c, 0) >= n}, mesh)
+      'is_control': np.arange(n + k)[None].repeat(c, 0) >= n,
+      'flip_w': rng.random((c, n + k)) < 0.5}, mesh)
 
 
 def step_benchmark() -> dict[str, Any]:
@@ -239,7 +244,8 @@ def loader_benchmark() -> dict[str, Any]:
   return benchmark_loader.loader_benchmark(
       [int(s) for s in _STORE_SIZES.value], _COMPRESSIONS.value, [int(t) for t in _TILES.value],
       _PERTURBED.value, _CONTROLS.value,
-      _CONTEXTS.value, _IMAGE_SIZE.value, num_batches=_STEPS.value, num_threads=_THREADS.value)
+      _CONTEXTS.value, _IMAGE_SIZE.value, num_batches=_STEPS.value, num_threads=_THREADS.value,
+      flip_w=_FLIP_W.value, rounds=_ROUNDS.value)
 
 
 def train_benchmark() -> dict[str, Any]:

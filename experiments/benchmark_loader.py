@@ -8,8 +8,10 @@ training contexts (N perturbed + K controls of one plate, random 256 crops and f
 ``training_batches`` and prints JSON: host, shapes, images/s (controls counted, per core and per
 CPU-second), single-thread per-context latency (sampling; the pipeline's cropped read; for
 comparison, a whole-image read then numpy crops) and resident memory (RSS) sampled while serving --
-for each store size, to show it does not grow with the store, and each store compression and tile
-side (0: the store's default tiling; 540: one chunk per image, the layout before tiles).
+for each store size, to show it does not grow with the store, each store compression and tile
+side (0: the store's default tiling; 540: one chunk per image, the layout before tiles) and each
+placement of the horizontal flips (``--flip_w=device,host --rounds=4``: left to the accelerator,
+the default, or applied on the host as before; alternated in one process).
 """
 from __future__ import annotations
 
@@ -123,7 +125,8 @@ def make_benchmark_store(path: str, num_images: int, plate_size: tuple[int, int]
           'compression_ratio': round(float(num_images * np.prod(IMAGE_SHAPE) / disk), 2)}
 
 
-def _latency(store, plates, num_perturbed, num_controls, crop_size, repeats) -> dict[str, float]:
+def _latency(store, plates, num_perturbed, num_controls, crop_size, repeats,
+             defer_flip_w=True) -> dict[str, float]:
   """Single-thread time per context: sampling, the pipeline's cropped read, and for comparison a
   read of the whole images followed by numpy crops."""
   index = ctx_lib.index_plates(store.table, plates, num_classes=len(store.class_ids))
@@ -133,7 +136,7 @@ def _latency(store, plates, num_perturbed, num_controls, crop_size, repeats) -> 
     t0 = time.perf_counter()
     context = ctx_lib.training_context(index, rng, num_perturbed, num_controls)
     t1 = time.perf_counter()
-    pipeline.read_contexts(store, [context], crop_size, [rng])
+    pipeline.read_contexts(store, [context], crop_size, [rng], defer_flip_w=defer_flip_w)
     t2 = time.perf_counter()
     augment.random_crop_flip(store.read(context.rows), crop_size, rng)
     t3 = time.perf_counter()
@@ -143,10 +146,11 @@ def _latency(store, plates, num_perturbed, num_controls, crop_size, repeats) -> 
 
 
 def _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_size, num_batches,
-           num_threads) -> dict[str, Any]:
+           num_threads, defer_flip_w=True) -> dict[str, Any]:
   batches = data.training_batches(store, plates, num_perturbed=num_perturbed,
                                   num_controls=num_controls, contexts_per_batch=contexts_per_batch,
-                                  crop_size=crop_size, seed=0, num_threads=num_threads)
+                                  crop_size=crop_size, seed=0, num_threads=num_threads,
+                                  defer_flip_w=defer_flip_w)
   rss_before = _rss_mb()
   with _PeakRss() as rss:
     first = next(batches)
@@ -170,15 +174,21 @@ def _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_
           'rss_after_mib': round(_rss_mb(), 1)}
 
 
+FLIP_W = {'device': True, 'host': False}   # where horizontal flips go -> defer_flip_w
+
+
 def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
                      compressions: Sequence[str] = (data.DEFAULT_COMPRESSION,),
                      tiles: Sequence[int] = (0,), num_perturbed: int = 64,
                      num_controls: int = 128, contexts_per_batch: int = 8, crop_size: int = 256,
                      num_batches: int = 6, num_threads: int = 2, latency_repeats: int = 5,
-                     workdir: str | None = None, keep_stores: bool = False) -> dict[str, Any]:
+                     workdir: str | None = None, keep_stores: bool = False,
+                     flip_w: Sequence[str] = ('device',), rounds: int = 1) -> dict[str, Any]:
   """Builds one store per (compression, tile, size) under ``workdir`` (a temporary directory by
-  default), serves ``num_batches`` batches from each and returns the figures as a JSON-ready
-  dict."""
+  default), serves ``num_batches`` batches from each with horizontal flips left to the
+  accelerator ('device', the pipeline's default) and/or applied on the host ('host'), in turn
+  ``rounds`` times (the order alternating), and returns the figures as a JSON-ready dict: per
+  store and flip placement, each round's figures and the median images/s per core."""
   cores = len(os.sched_getaffinity(0))
   result = {
       'benchmark': 'loader',
@@ -187,6 +197,7 @@ def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
                    'flips': True, 'num_perturbed': num_perturbed, 'num_controls': num_controls,
                    'contexts_per_batch': contexts_per_batch, 'num_batches': num_batches,
                    'num_threads': num_threads, 'warmup_batches': WARMUP_BATCHES,
+                   'flip_w': list(flip_w), 'rounds': rounds,
                    'store': 'zarr3, 64 images/shard, tile x tile chunks'},
       'stores': [],
   }
@@ -195,15 +206,27 @@ def loader_benchmark(store_sizes: Sequence[int] = (512, 2048),
     for compression, tile, size in itertools.product(compressions, tiles, store_sizes):
       path = os.path.join(root, f'store_{compression}_{tile}_{size}')
       built = make_benchmark_store(path, size, compression=compression, tile=tile)
-      store = data.open_store(path)
-      plates = sorted(store.table['Metadata_Plate'].unique())
-      served = _serve(store, plates, num_perturbed, num_controls, contexts_per_batch, crop_size,
-                      num_batches, num_threads)
-      served['images_per_s_per_core'] = round(served['images_per_s'] / cores, 1)
-      served['context_latency_single_thread'] = _latency(store, plates, num_perturbed,
-                                                         num_controls, crop_size, latency_repeats)
-      result['stores'].append({**built, **served})
-      del store
+      runs = {name: [] for name in flip_w}
+      for r in range(rounds):
+        for name in (flip_w if r % 2 == 0 else flip_w[::-1]):
+          defer_flip_w = FLIP_W[name]
+          store = data.open_store(path)
+          plates = sorted(store.table['Metadata_Plate'].unique())
+          served = _serve(store, plates, num_perturbed, num_controls, contexts_per_batch,
+                          crop_size, num_batches, num_threads, defer_flip_w)
+          served['images_per_s_per_core'] = round(served['images_per_s'] / cores, 1)
+          if r == 0:
+            served['context_latency_single_thread'] = _latency(
+                store, plates, num_perturbed, num_controls, crop_size, latency_repeats,
+                defer_flip_w)
+          runs[name].append(served)
+          del store
+      built['flip_w'] = {name: {
+          'median_images_per_s_per_core': float(np.median(
+              [s['images_per_s_per_core'] for s in served])),
+          'median_images_per_cpu_s': float(np.median([s['images_per_cpu_s'] for s in served])),
+          'rounds': served} for name, served in runs.items()}
+      result['stores'].append(built)
       if not keep_stores:
         shutil.rmtree(path)
   finally:
@@ -226,6 +249,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('num_batches', 6,
                        'timed batches per store (after WARMUP_BATCHES untimed ones)')
   flags.DEFINE_integer('num_threads', 2, 'grain reader threads (batches prepared at once)')
+  flags.DEFINE_list('flip_w', ['device'], f'where horizontal flips go, in turn: {list(FLIP_W)}')
+  flags.DEFINE_integer('rounds', 1, 'serving runs per --flip_w value and store, alternating')
   flags.DEFINE_string('workdir', None, 'where to build the stores (default: a temporary directory)')
   flags.DEFINE_bool('keep_stores', False, 'keep the stores after the run')
   FLAGS = flags.FLAGS
@@ -236,6 +261,7 @@ if __name__ == '__main__':
         [int(s) for s in FLAGS.store_sizes], FLAGS.compressions, [int(t) for t in FLAGS.tiles],
         FLAGS.num_perturbed, FLAGS.num_controls,
         FLAGS.contexts_per_batch, FLAGS.crop_size, FLAGS.num_batches, FLAGS.num_threads,
-        workdir=FLAGS.workdir, keep_stores=FLAGS.keep_stores), indent=2))
+        workdir=FLAGS.workdir, keep_stores=FLAGS.keep_stores, flip_w=FLAGS.flip_w,
+        rounds=FLAGS.rounds), indent=2))
 
   app.run(main)
