@@ -102,7 +102,6 @@ def read_contexts(store, contexts: Sequence[Context], crop_size: int | None,
   return out
 
 
-
 class Batches:
   """An iterator of batches whose position is a checkpointable state.
 

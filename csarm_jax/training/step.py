@@ -88,6 +88,10 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
   objective = method.objective
   keys = CONTEXT_KEYS + (DROPOUT,) + (('domain',) if objective is not None else ())
 
+  def per_context(batch: Batch) -> Batch:
+    """The arrays the context forward reads (``flip_w`` when the batch has it)."""
+    return {k: batch[k] for k in keys + (('flip_w',) if 'flip_w' in batch else ())}
+
   def forward(params, batch_stats, group: Batch, progress):
     """Per-context (loss_sum, count, correct, objective) and running averages of a group."""
     variables = {'params': params, RUNNING_STATS: batch_stats}
@@ -102,8 +106,7 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
       logits, features = out
       extra = objective.loss(model, variables, features, c['domain'], c['mask'], progress)
       return labelled_cross_entropy(logits, c['labels']) + (extra,), running
-    return jax.vmap(one_context)({k: group[k] for k in keys + (('flip_w',) if 'flip_w' in group
-                                                               else ())})
+    return jax.vmap(one_context)(per_context(group))
 
   def all_at_once(state: TrainState, batch: Batch, progress):
     def loss_fn(params):
@@ -117,7 +120,7 @@ def make_train_step(model: nn.Module, method: Method, tx: optax.GradientTransfor
 
   def micro_batched(state: TrainState, batch: Batch, size: int, progress):
     num_contexts = batch['labels'].shape[0]
-    group_batch = {k: batch[k] for k in keys + (('flip_w',) if 'flip_w' in batch else ())}
+    group_batch = per_context(batch)
     group_batch['weight'] = context_weights(batch['labels'])
 
     def body(carry, group):
